@@ -1,0 +1,1 @@
+"""Typed API models: the MoEJob resource, model architectures, device catalog and pools."""

@@ -1,0 +1,1 @@
+"""The ``hetmoe`` command line: one module per sub-command, named ``*_command``."""

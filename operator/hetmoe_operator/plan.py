@@ -1,0 +1,278 @@
+"""The plan: the one versioned contract between the operator (planner) and the trainer.
+
+The planner writes it, the operator ships it to every worker in a ConfigMap (or a
+file in local mode), and the trainer follows it to the letter. It imports only
+pydantic so the trainer image never needs kopf or the Kubernetes client.
+
+Rank identity: a worker knows its pool, node slot and local rank (from its pod) and
+looks up its *plan rank* with :meth:`Plan.rank_at`. torchrun's global rank may differ
+(rendezvous order is not guaranteed), so the trainer maps plan ranks to process ranks
+after ``init_process_group``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from hetmoe_operator.api.base import ApiModel
+from hetmoe_operator.api.model import ModelArchitecture
+from hetmoe_operator.api.training import TrainingConfig
+
+PLAN_API_VERSION = "hetmoe.io/plan/v1"
+
+Objective = Literal["throughput", "cost", "throughput-under-budget"]
+
+
+class ParallelDegrees(ApiModel):
+    """How the world is factored: world = pp x dp x tp; ep divides dp x tp."""
+
+    pp: int = Field(ge=1)
+    """Pipeline stages."""
+    dp: int = Field(ge=1)
+    """Data-parallel replicas of every stage."""
+    ep: int = Field(ge=1)
+    """Ranks of one stage that share one copy of the routed experts (an EP group)."""
+    tp: int = Field(default=1, ge=1)
+    """Tensor-parallel ranks inside a node."""
+
+
+class StagePlan(ApiModel):
+    """One pipeline stage: a contiguous range of global layer ids."""
+
+    index: int = Field(ge=0)
+    """Stage position, 0 = first."""
+    layer_start: int = Field(ge=0)
+    """First global layer id (inclusive)."""
+    layer_end: int = Field(ge=0)
+    """Last global layer id (exclusive); may equal layer_start for an embedding-only stage."""
+    has_embedding: bool
+    """Whether the stage holds the input embedding (the first stage)."""
+    has_head: bool
+    """Whether the stage holds the final norm and LM head (the last stage)."""
+
+    @property
+    def layers(self) -> range:
+        """Global layer ids of this stage."""
+        return range(self.layer_start, self.layer_end)
+
+
+class ReplicaPlan(ApiModel):
+    """One data-parallel replica's share of the global batch."""
+
+    dp_index: int = Field(ge=0)
+    """Replica index."""
+    samples_per_step: int = Field(ge=0)
+    """Sequences this replica processes per optimizer step (proportional to its speed)."""
+    microbatch_size: int = Field(ge=1)
+    """Sequences per microbatch."""
+    num_microbatches: int = Field(ge=1)
+    """Microbatches per step (the same within an EP group so all-to-alls pair up)."""
+
+    @model_validator(mode="after")
+    def _batch_adds_up(self) -> ReplicaPlan:
+        if self.samples_per_step != self.microbatch_size * self.num_microbatches:
+            raise ValueError(
+                f"replica {self.dp_index}: samples_per_step {self.samples_per_step} != "
+                f"microbatch_size {self.microbatch_size} x num_microbatches {self.num_microbatches}"
+            )
+        return self
+
+
+class RankPlan(ApiModel):
+    """Everything one worker process needs to know about its place in the job."""
+
+    rank: int = Field(ge=0)
+    """Plan rank, 0..world_size-1."""
+    pool: str
+    """Pool the rank runs in."""
+    grade: str
+    """Accelerator grade of that pool."""
+    node_slot: int = Field(ge=0)
+    """Index of the node within the nodes this plan uses from ``pool``."""
+    local_rank: int = Field(ge=0)
+    """Device index on that node."""
+    stage: int = Field(ge=0)
+    """Pipeline stage index."""
+    dp_index: int = Field(ge=0)
+    """Data-parallel replica index."""
+    ep_group: int = Field(ge=0)
+    """Expert-parallel group within the stage."""
+    ep_rank: int = Field(ge=0)
+    """Position inside the EP group."""
+    experts: list[int] = Field(default_factory=list)
+    """Routed expert ids hosted in every MoE layer of the stage (hot experts may appear
+    on several ranks of a group: redundant replicas share that expert's tokens)."""
+
+
+class StepTimeBreakdown(ApiModel):
+    """Predicted seconds per optimizer step, by cause."""
+
+    compute: float = Field(ge=0)
+    """Forward + backward compute on the critical path."""
+    bubble: float = Field(ge=0)
+    """Pipeline fill and drain."""
+    communication: float = Field(ge=0)
+    """Exposed (not overlapped) communication: p2p, all-to-all, gradient sync."""
+    imbalance: float = Field(ge=0)
+    """Waiting caused by uneven stage or expert load."""
+    optimizer: float = Field(ge=0)
+    """Optimizer step."""
+    total: float = Field(gt=0)
+    """Predicted step time."""
+
+
+class MemoryEstimate(ApiModel):
+    """Predicted peak memory of one device class within the plan (one stage on one grade)."""
+
+    pool: str
+    """Pool."""
+    stage: int = Field(ge=0)
+    """Stage."""
+    weights_gib: float = Field(ge=0)
+    """Parameters resident on the device (including redundant expert slots)."""
+    gradients_gib: float = Field(ge=0)
+    """Gradients."""
+    optimizer_gib: float = Field(ge=0)
+    """Optimizer state (after sharding over data parallelism, when enabled)."""
+    activations_gib: float = Field(ge=0)
+    """Activations in flight at the schedule's peak."""
+    total_gib: float = Field(ge=0)
+    """Sum of the above plus runtime overhead."""
+    capacity_gib: float = Field(gt=0)
+    """Device memory."""
+
+
+class PoolSummary(ApiModel):
+    """What the plan does with one pool, for status and humans."""
+
+    pool: str
+    """Pool name."""
+    grade: str
+    """Its grade."""
+    nodes: int = Field(ge=0)
+    """Nodes used."""
+    devices: int = Field(ge=0)
+    """Devices used."""
+    stages: list[int] = Field(default_factory=list)
+    """Stages (partly) served by the pool."""
+    layers: str = ""
+    """Human-readable layer ranges, e.g. ``0-11,40-47``."""
+    experts_per_device: float = Field(default=0, ge=0)
+    """Average routed expert slots per device."""
+    predicted_tokens_per_s: float = Field(default=0, ge=0)
+    """Tokens per second flowing through this pool's replicas."""
+    cost_per_hour: float = Field(default=0, ge=0)
+    """Price of the devices used."""
+
+
+class Prediction(ApiModel):
+    """What the cost model expects from the plan, with every input visible."""
+
+    step_time: StepTimeBreakdown
+    """Seconds per step, broken down."""
+    tokens_per_s: float = Field(gt=0)
+    """Predicted training throughput."""
+    cost_per_hour: float = Field(ge=0)
+    """Price of all devices used."""
+    cost_per_1t_tokens: float = Field(ge=0)
+    """Cost of training on 10^12 tokens at the predicted speed."""
+    ideal_tokens_per_s: float = Field(gt=0)
+    """Linear-programming upper bound on the same devices."""
+    fraction_of_ideal: float = Field(gt=0)
+    """tokens_per_s / ideal_tokens_per_s."""
+    memory: list[MemoryEstimate] = Field(default_factory=list)
+    """Peak memory per (pool, stage)."""
+    assumptions: list[str] = Field(default_factory=list)
+    """Inputs of the cost model a reader should know about (efficiencies, bandwidths)."""
+
+
+class Plan(ApiModel):
+    """A complete, self-contained placement of one training job."""
+
+    api_version: Literal["hetmoe.io/plan/v1"] = PLAN_API_VERSION
+    """Contract version; a trainer refuses plans of a version it does not know."""
+    job: str = "local"
+    """Name of the job the plan was made for."""
+    objective: Objective = "throughput"
+    """What the planner optimised."""
+    currency: str = "RMB"
+    """Currency of every cost figure."""
+    model: ModelArchitecture
+    """Architecture to build."""
+    training: TrainingConfig
+    """Training settings."""
+    parallel: ParallelDegrees
+    """Parallel degrees."""
+    stages: list[StagePlan] = Field(min_length=1)
+    """Pipeline stages in order; every layer exactly once."""
+    replicas: list[ReplicaPlan] = Field(min_length=1)
+    """Data-parallel replicas; their samples add up to the global batch."""
+    ranks: list[RankPlan] = Field(min_length=1)
+    """One entry per worker process, ordered by plan rank."""
+    pools: list[PoolSummary] = Field(default_factory=list)
+    """Per-pool summary."""
+    prediction: Prediction | None = None
+    """Cost-model prediction (absent for hand-written plans)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Plan:
+        degrees = self.parallel
+        world = degrees.pp * degrees.dp * degrees.tp
+        if len(self.ranks) != world:
+            raise ValueError(f"{len(self.ranks)} ranks but pp x dp x tp = {world}")
+        if [r.rank for r in self.ranks] != list(range(world)):
+            raise ValueError("ranks must be listed in order 0..world_size-1")
+        if len(self.stages) != degrees.pp or [s.index for s in self.stages] != list(
+            range(degrees.pp)
+        ):
+            raise ValueError("stages must be listed in order, one per pipeline stage")
+        covered = [layer for s in self.stages for layer in s.layers]
+        if covered != list(range(self.model.num_hidden_layers)):
+            raise ValueError("stages must cover every layer once, in order")
+        if not self.stages[0].has_embedding or not self.stages[-1].has_head:
+            raise ValueError("the first stage holds the embedding and the last the LM head")
+        if len(self.replicas) != degrees.dp:
+            raise ValueError(f"{len(self.replicas)} replicas but dp = {degrees.dp}")
+        batch = sum(r.samples_per_step for r in self.replicas)
+        if batch != self.training.global_batch_size:
+            raise ValueError(
+                f"replica samples add up to {batch}, not the global batch "
+                f"{self.training.global_batch_size}"
+            )
+        if (degrees.dp * degrees.tp) % degrees.ep:
+            raise ValueError(f"ep {degrees.ep} must divide dp x tp {degrees.dp * degrees.tp}")
+        seats = {(r.pool, r.node_slot, r.local_rank) for r in self.ranks}
+        if len(seats) != world:
+            raise ValueError("two ranks share the same (pool, node slot, local rank)")
+        return self
+
+    @property
+    def world_size(self) -> int:
+        """Number of worker processes."""
+        return len(self.ranks)
+
+    def rank_at(self, pool: str, node_slot: int, local_rank: int) -> RankPlan:
+        """The rank seated at device ``local_rank`` of node ``node_slot`` of ``pool``."""
+        for rank in self.ranks:
+            if (rank.pool, rank.node_slot, rank.local_rank) == (pool, node_slot, local_rank):
+                return rank
+        raise KeyError(f"no rank at pool={pool} node_slot={node_slot} local_rank={local_rank}")
+
+    def nodes(self) -> list[tuple[str, int, int]]:
+        """``(pool, node_slot, processes on that node)`` for every node the plan uses."""
+        counts: dict[tuple[str, int], int] = {}
+        for rank in self.ranks:
+            key = (rank.pool, rank.node_slot)
+            counts[key] = counts.get(key, 0) + 1
+        return [(pool, slot, n) for (pool, slot), n in counts.items()]
+
+    def to_json(self) -> str:
+        """Serialise for a ConfigMap or a file."""
+        return self.model_dump_json(by_alias=True, exclude_none=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        """Parse a plan; a plan of another contract version is rejected by name."""
+        return cls.model_validate_json(text)
