@@ -276,3 +276,19 @@ class Plan(ApiModel):
     def from_json(cls, text: str) -> Plan:
         """Parse a plan; a plan of another contract version is rejected by name."""
         return cls.model_validate_json(text)
+
+
+class WorkerExit:
+    """Exit codes the trainer uses to tell the operator what went wrong.
+
+    Codes below 64 are ordinary failures (restart from checkpoint). These are chosen
+    outside the range shells and signals use (126-165) so they cannot be confused.
+    """
+
+    OK = 0
+    CONFIG_ERROR = 78
+    """The plan or settings are invalid: restarting cannot help (EX_CONFIG)."""
+    REPLACE_NODE = 86
+    """This rank's device is persistently slow or faulty: re-plan without its node."""
+    ROLLBACK_EXHAUSTED = 87
+    """Repeated anomalies persisted across rollbacks: needs a human."""

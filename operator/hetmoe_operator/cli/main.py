@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from hetmoe_operator import __version__
-from hetmoe_operator.cli import errors
+from hetmoe_operator import errors
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""Errors a user can act on, and how the CLI shows them (never as a traceback)."""
+"""Errors a user can act on, and how they are shown (never as a traceback)."""
 
 from __future__ import annotations
 
