@@ -12,7 +12,7 @@ after ``init_process_group``.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import Field, model_validator
 
@@ -20,7 +20,7 @@ from hetmoe_operator.api.base import ApiModel
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
 
-PLAN_API_VERSION = "hetmoe.io/plan/v1"
+PLAN_API_VERSION: Final = "hetmoe.io/plan/v1"
 
 Objective = Literal["throughput", "cost", "throughput-under-budget"]
 

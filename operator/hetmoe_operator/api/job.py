@@ -159,8 +159,11 @@ class CheckpointVolume(ApiModel):
 
     @model_validator(mode="after")
     def _exactly_one(self) -> CheckpointVolume:
-        chosen = [self.persistent_volume_claim is not None, self.host_path is not None,
-                  self.empty_dir]
+        chosen = [
+            self.persistent_volume_claim is not None,
+            self.host_path is not None,
+            self.empty_dir,
+        ]
         if sum(chosen) != 1:
             raise ValueError(
                 "checkpoint.volume sets exactly one of persistentVolumeClaim, hostPath, emptyDir"

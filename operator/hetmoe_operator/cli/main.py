@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from hetmoe_operator import __version__
-from hetmoe_operator import errors
+from hetmoe_operator import __version__, errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,8 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hetmoe: error: {error}", file=sys.stderr)
         return 2
     except ValidationError as error:
-        print(f"hetmoe: error: {errors.describe_validation_error(error, args.command)}",
-              file=sys.stderr)
+        print(
+            f"hetmoe: error: {errors.describe_validation_error(error, args.command)}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("hetmoe: interrupted", file=sys.stderr)
