@@ -49,7 +49,7 @@ run: venv ## The main job: plan the reference Ling-Plus job over a mixed cluster
 	$(VENV)/bin/hetmoe plan -f examples/moejob-ling-plus.yaml --cluster examples/clusters/reference-mix.yaml
 
 cluster-up: venv cluster-bin ## Start a dev control plane with fake node pools; prints the KUBECONFIG line
-	$(PY) -m tests.cluster up $(if $(TOPOLOGY),--topology $(TOPOLOGY),)
+	$(PY) -m tests.cluster up --topology $(or $(TOPOLOGY),tests/topologies/small-mixed.yaml)
 
 cluster-down: venv ## Stop the dev control plane started by cluster-up
 	$(PY) -m tests.cluster down

@@ -102,12 +102,15 @@ main() {
     local start staging="$key_dir.tmp.$$"
     start="$(date +%s)"
     rm -rf "$staging" && mkdir -p "$staging/bin"
+    # A failed or interrupted build must not leave a half-filled staging dir.
+    trap "rm -rf '$staging'" EXIT
     build_k8s "$staging/bin" "$version"
     build_kwok "$staging/bin"
     build_helm "$staging/bin"
     write_stages "$staging/stages.yaml"
     echo "$(($(date +%s) - start))" >"$staging/build-seconds"
     rm -rf "$key_dir" && mv "$staging" "$key_dir"
+    trap - EXIT
     log "built in $(cat "$key_dir/build-seconds") s"
   fi
   echo "$bin"

@@ -9,6 +9,8 @@ cluster, with kwok playing the kubelets of fake nodes.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
 import secrets
@@ -21,10 +23,13 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+
+from kubernetes.client import ApiClient
+from kubernetes.config import new_client_from_config
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "cluster" / "build.sh"
@@ -35,6 +40,18 @@ KUBECONFIG_FILE = "admin.kubeconfig"
 #: Annotation kwok selects its fake nodes by (see kwok's --manage-nodes-with-annotation-selector).
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+#: kwok defaults to 4 workers per stage kind (1,000 nodes take minutes) and a /24
+#: pod CIDR (254 pods); the pod range must not overlap the 10.0.0.0/24 services.
+KWOK_CONFIGURATION = """\
+apiVersion: config.kwok.x-k8s.io/v1alpha1
+kind: KwokConfiguration
+options:
+  cidr: 10.64.0.0/12
+  nodePlayStageParallelism: 16
+  nodeLeaseParallelism: 16
+  podPlayStageParallelism: 16
+"""
 
 
 class ControlPlaneError(RuntimeError):
@@ -44,6 +61,15 @@ class ControlPlaneError(RuntimeError):
 def cache_root() -> Path:
     """The per-machine cache shared by build.sh and the dev cluster."""
     return Path(os.environ.get("HETMOE_CACHE", Path.home() / ".cache" / "hetmoe"))
+
+
+def k8s_version() -> str:
+    """The Kubernetes release pinned in tests/cluster/k8s/go.mod (what /version reports)."""
+    for line in (REPO_ROOT / "tests" / "cluster" / "k8s" / "go.mod").read_text().splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == "k8s.io/kubernetes" and parts[1].startswith("v"):
+            return parts[1]
+    raise ControlPlaneError("k8s.io/kubernetes not required in tests/cluster/k8s/go.mod")
 
 
 def ensure_built() -> Path:
@@ -81,29 +107,55 @@ def pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def stop_pids(pids: Iterable[int], grace_seconds: float = 10.0) -> None:
-    """SIGTERM each process group, SIGKILL what survives, and verify all are gone.
+def die_with_parent() -> None:
+    """In the child before exec: get SIGKILL if the starting process dies.
 
-    Works for processes this interpreter did not start (``down`` after ``up``).
-    Every component runs in its own session, so its pid is also its pgid.
+    Covers what ``stop`` cannot: a test runner killed by SIGTERM/SIGKILL or a
+    crashed interpreter would otherwise leave a whole cluster running.
     """
-    pids = list(pids)
-    _signal_groups(pids, signal.SIGTERM)
-    deadline = time.monotonic() + grace_seconds
-    while any(pid_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    survivors = [p for p in pids if pid_alive(p)]
-    _signal_groups(survivors, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while any(pid_alive(p) for p in survivors) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def is_component(pid: int) -> bool:
+    """Guard against pid reuse: only hetmoe-k8s and kwok processes are ours to stop."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0", 1)[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return Path(argv0.decode(errors="replace")).name in {"hetmoe-k8s", "kwok"}
+
+
+def stop_pids(pids: Sequence[int], grace_seconds: float = 10.0) -> None:
+    """Stop processes in reverse start order and verify every one is gone.
+
+    Clients go first: the apiserver exits in about a second once nothing watches
+    it, but SIGTERM-ing everything at once leaves it and etcd waiting on each
+    other for many seconds. Works for processes this interpreter did not start
+    (``down`` after ``up``); each component leads its own session, so pid == pgid.
+    """
+    for pid in reversed(pids):
+        _stop_group(pid, grace_seconds)
     leftover = [p for p in pids if pid_alive(p)]
     if leftover:
         raise ControlPlaneError(f"processes survived SIGKILL: {leftover}")
 
 
-def http_ok(url: str, headers: dict[str, str] | None = None,
-            context: ssl.SSLContext | None = None) -> bool:
+def _stop_group(pgid: int, grace_seconds: float) -> None:
+    """SIGTERM a process group, then SIGKILL it if its leader outlives the grace."""
+    for sig, wait in ((signal.SIGTERM, grace_seconds), (signal.SIGKILL, 5.0)):
+        if not pid_alive(pgid):
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pgid, sig)
+        deadline = time.monotonic() + wait
+        while pid_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+def http_ok(
+    url: str, headers: dict[str, str] | None = None, context: ssl.SSLContext | None = None
+) -> bool:
     """True if a GET answers 200; any connection error just means "not yet"."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
@@ -113,23 +165,33 @@ def http_ok(url: str, headers: dict[str, str] | None = None,
         return False
 
 
-def _signal_groups(pids: Iterable[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
 def _run_openssl(args: Sequence[str], cwd: Path) -> None:
     subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
 
 
 def make_pki(directory: Path) -> None:
-    """CA, apiserver serving cert (SAN 127.0.0.1/localhost) and service-account key."""
+    """CA, apiserver serving cert (SAN 127.0.0.1/localhost) and service-account key.
+
+    P-256 keys: generating RSA keys costs seconds of a 2-core machine's warm start.
+    """
     _run_openssl(
-        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3650",
-         "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=hetmoe-test-ca"],
+        [
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "3650",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.crt",
+            "-subj",
+            "/CN=hetmoe-test-ca",
+        ],
         directory,
     )
     (directory / "apiserver.ext").write_text(
@@ -138,17 +200,45 @@ def make_pki(directory: Path) -> None:
         "extendedKeyUsage=serverAuth\n"
     )
     _run_openssl(
-        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "apiserver.key",
-         "-out", "apiserver.csr", "-subj", "/CN=kube-apiserver"],
+        [
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "apiserver.key",
+            "-out",
+            "apiserver.csr",
+            "-subj",
+            "/CN=kube-apiserver",
+        ],
         directory,
     )
     _run_openssl(
-        ["x509", "-req", "-in", "apiserver.csr", "-CA", "ca.crt", "-CAkey", "ca.key",
-         "-CAcreateserial", "-days", "3650", "-extfile", "apiserver.ext",
-         "-out", "apiserver.crt"],
+        [
+            "x509",
+            "-req",
+            "-in",
+            "apiserver.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "3650",
+            "-extfile",
+            "apiserver.ext",
+            "-out",
+            "apiserver.crt",
+        ],
         directory,
     )
-    _run_openssl(["genrsa", "-out", "sa.key", "2048"], directory)
+    _run_openssl(
+        ["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sa.key"], directory
+    )
 
 
 def kubeconfig_yaml(server: str, ca_file: Path, token: str) -> str:
@@ -156,8 +246,9 @@ def kubeconfig_yaml(server: str, ca_file: Path, token: str) -> str:
     config = {
         "apiVersion": "v1",
         "kind": "Config",
-        "clusters": [{"name": "hetmoe", "cluster": {
-            "server": server, "certificate-authority": str(ca_file)}}],
+        "clusters": [
+            {"name": "hetmoe", "cluster": {"server": server, "certificate-authority": str(ca_file)}}
+        ],
         "users": [{"name": "admin", "user": {"token": token}}],
         "contexts": [{"name": "hetmoe", "context": {"cluster": "hetmoe", "user": "admin"}}],
         "current-context": "hetmoe",
@@ -179,13 +270,15 @@ class ControlPlane:
     """etcd + kube-apiserver + controller-manager + scheduler + kwok, on loopback.
 
     Use as a context manager; ``stop`` kills every process it started even when
-    startup failed halfway. ``workdir`` defaults to a fresh temp dir, removed on
+    startup failed halfway, and unless ``detached`` the kernel kills them if
+    this process dies first. ``workdir`` defaults to a fresh temp dir, removed on
     stop; pass a directory to keep logs, certs and the kubeconfig around.
     """
 
     bin_dir: Path
     workdir: Path | None = None
     startup_timeout: float = 120.0
+    detached: bool = False
     components: list[Component] = field(default_factory=list, init=False)
     token: str = field(default_factory=lambda: secrets.token_hex(24), init=False)
     apiserver_port: int = field(default=0, init=False)
@@ -247,9 +340,7 @@ class ControlPlane:
         self.apiserver_port = free_port()
         self._spawn("kube-apiserver", self._apiserver_args(etcd_port))
         self._wait("kube-apiserver", lambda: self._api_ok("/readyz"))
-        self.kubeconfig.write_text(
-            kubeconfig_yaml(self.server, self._dir / "ca.crt", self.token)
-        )
+        self.kubeconfig.write_text(kubeconfig_yaml(self.server, self._dir / "ca.crt", self.token))
         self._spawn("kube-controller-manager", self._controller_manager_args())
         self._spawn("kube-scheduler", self._scheduler_args())
         self._spawn("kwok", self._kwok_args(), binary=self.bin_dir / "kwok")
@@ -274,34 +365,69 @@ class ControlPlane:
         """Run kubectl against this cluster, capturing text output."""
         return subprocess.run(
             ["kubectl", "--kubeconfig", str(self.kubeconfig), *args],
-            input=input, capture_output=True, text=True, check=check,
+            input=input,
+            capture_output=True,
+            text=True,
+            check=check,
         )
+
+    def api_client(self) -> ApiClient:
+        """A fresh kubernetes-client ApiClient authenticated as the admin."""
+        client: ApiClient = new_client_from_config(config_file=str(self.kubeconfig))
+        return client
 
     def _etcd_args(self, client_port: int) -> list[str]:
         peer = f"http://127.0.0.1:{free_port()}"
         client = f"http://127.0.0.1:{client_port}"
         return [
-            "--name", "n0", "--data-dir", str(self._dir / "etcd"), "--unsafe-no-fsync",
-            "--listen-client-urls", client, "--advertise-client-urls", client,
-            "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-            "--initial-cluster", f"n0={peer}", "--log-level", "warn",
+            "--name",
+            "n0",
+            "--data-dir",
+            str(self._dir / "etcd"),
+            "--unsafe-no-fsync",
+            "--listen-client-urls",
+            client,
+            "--advertise-client-urls",
+            client,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"n0={peer}",
+            "--log-level",
+            "warn",
         ]
 
     def _apiserver_args(self, etcd_port: int) -> list[str]:
         d = self._dir
         return [
-            "--etcd-servers", f"http://127.0.0.1:{etcd_port}",
-            "--bind-address", "127.0.0.1", "--secure-port", str(self.apiserver_port),
-            "--tls-cert-file", str(d / "apiserver.crt"),
-            "--tls-private-key-file", str(d / "apiserver.key"),
-            "--client-ca-file", str(d / "ca.crt"),
-            "--token-auth-file", str(d / "tokens.csv"),
-            "--authorization-mode", "Node,RBAC",
-            "--service-account-issuer", "https://kubernetes.default.svc",
-            "--service-account-key-file", str(d / "sa.key"),
-            "--service-account-signing-key-file", str(d / "sa.key"),
-            "--service-cluster-ip-range", "10.0.0.0/24",
-            "--endpoint-reconciler-type", "none",
+            "--etcd-servers",
+            f"http://127.0.0.1:{etcd_port}",
+            "--bind-address",
+            "127.0.0.1",
+            "--secure-port",
+            str(self.apiserver_port),
+            "--tls-cert-file",
+            str(d / "apiserver.crt"),
+            "--tls-private-key-file",
+            str(d / "apiserver.key"),
+            "--client-ca-file",
+            str(d / "ca.crt"),
+            "--token-auth-file",
+            str(d / "tokens.csv"),
+            "--authorization-mode",
+            "Node,RBAC",
+            "--service-account-issuer",
+            "https://kubernetes.default.svc",
+            "--service-account-key-file",
+            str(d / "sa.key"),
+            "--service-account-signing-key-file",
+            str(d / "sa.key"),
+            "--service-cluster-ip-range",
+            "10.0.0.0/24",
+            "--endpoint-reconciler-type",
+            "none",
             "--allow-privileged",
             "--profiling=false",
         ]
@@ -309,24 +435,47 @@ class ControlPlane:
     def _controller_manager_args(self) -> list[str]:
         d = self._dir
         return [
-            "--kubeconfig", str(self.kubeconfig), "--leader-elect=false", "--secure-port", "0",
-            "--service-account-private-key-file", str(d / "sa.key"),
-            "--root-ca-file", str(d / "ca.crt"), "--profiling=false",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--leader-elect=false",
+            "--secure-port",
+            "0",
+            "--service-account-private-key-file",
+            str(d / "sa.key"),
+            "--root-ca-file",
+            str(d / "ca.crt"),
+            "--profiling=false",
         ]
 
     def _scheduler_args(self) -> list[str]:
         return [
-            "--kubeconfig", str(self.kubeconfig), "--leader-elect=false", "--secure-port", "0",
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--leader-elect=false",
+            "--secure-port",
+            "0",
             "--profiling=false",
         ]
 
     def _kwok_args(self) -> list[str]:
         key, value = KWOK_NODE_ANNOTATION
+        config = self._dir / "kwok.yaml"
+        config.write_text(KWOK_CONFIGURATION)
         return [
-            "--kubeconfig", str(self.kubeconfig), "--config", str(self.stages_file),
+            "--kubeconfig",
+            str(self.kubeconfig),
+            "--config",
+            str(self.stages_file),
+            "--config",
+            str(config),
             "--manage-all-nodes=false",
-            "--manage-nodes-with-annotation-selector", f"{key}={value}",
-            "--node-lease-duration-seconds", "40",
+            "--manage-nodes-with-annotation-selector",
+            f"{key}={value}",
+            "--node-lease-duration-seconds",
+            "40",
+            # Per-object INFO lines cost real CPU with 1,000+ nodes; errors still show.
+            "--v",
+            "WARN",
         ]
 
     def _spawn(self, name: str, args: list[str], binary: Path | None = None) -> None:
@@ -335,8 +484,13 @@ class ControlPlane:
         argv = [str(binary), *args] if binary else [str(self.bin_dir / "hetmoe-k8s"), name, *args]
         with log.open("wb") as out:
             process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, cwd=self._dir,
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                cwd=self._dir,
+                preexec_fn=None if self.detached else die_with_parent,
             )
         self.components.append(Component(name, process, log))
         self._write_pids()
@@ -378,7 +532,7 @@ def stop_detached(workdir: Path) -> list[int]:
     pid_file = workdir / PIDS_FILE
     if not pid_file.exists():
         return []
-    pids = list(json.loads(pid_file.read_text()).values())
+    pids = [p for p in json.loads(pid_file.read_text()).values() if is_component(p)]
     stop_pids(pids)
     pid_file.unlink()
     return pids

@@ -13,17 +13,23 @@ from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
-from kubernetes.client import ApiClient, CoreV1Api
+from kubernetes.client import ApiClient, CoreV1Api, V1Node
 from kubernetes.client.exceptions import ApiException
+
+from tests.cluster.controlplane import KWOK_NODE_ANNOTATION
 
 TOPOLOGY_DIR = Path(__file__).resolve().parents[1] / "topologies"
 POOL_LABEL = "hetmoe.io/pool"
 GRADE_LABEL = "hetmoe.io/accelerator"
 DEFAULT_RESOURCE = "nvidia.com/gpu"
-CREATE_WORKERS = 16
+KWOK_ANNOTATION_KEY, KWOK_ANNOTATION_VALUE = KWOK_NODE_ANNOTATION
+CREATE_WORKERS = 8
+#: Each poll lists every node (MBs at 1,000+ nodes); polling faster steals the
+#: apiserver CPU that kwok needs to make them Ready.
+READY_POLL_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ def node_manifest(pool: Pool, name: str) -> dict[str, Any]:
         "metadata": {
             "name": name,
             "labels": labels,
-            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "annotations": {KWOK_ANNOTATION_KEY: KWOK_ANNOTATION_VALUE},
         },
         "spec": {"taints": [dict(t) for t in pool.taints]},
         "status": {"capacity": resources, "allocatable": dict(resources)},
@@ -123,7 +129,8 @@ def node_manifests(topology: Topology) -> list[dict[str, Any]]:
 def _create_node(api: CoreV1Api, body: dict[str, Any]) -> str:
     """Create one node; an existing one is fine so reruns are idempotent."""
     try:
-        api.create_node(body, _preload_content=False)
+        # The client sends plain dicts unchanged, which skips slow model building.
+        api.create_node(cast(V1Node, body), _preload_content=False)
     except ApiException as err:
         if err.status != 409:
             raise
@@ -143,8 +150,14 @@ def _is_ready(node: dict[str, Any]) -> bool:
 
 
 def ready_node_names(client: ApiClient, label_selector: str = "type=kwok") -> set[str]:
-    """Names of Ready nodes, read as raw JSON because model parsing is slow at 1,000+."""
-    response = CoreV1Api(client).list_node(label_selector=label_selector, _preload_content=False)
+    """Names of Ready nodes, read as raw JSON because model parsing is slow at 1,000+.
+
+    resourceVersion=0 is served from the apiserver's watch cache, which keeps
+    frequent polling from competing with kwok for the apiserver's CPU.
+    """
+    response: Any = CoreV1Api(client).list_node(
+        label_selector=label_selector, resource_version="0", _preload_content=False
+    )
     items = json.loads(response.data)["items"]
     return {n["metadata"]["name"] for n in items if _is_ready(n)}
 
@@ -159,8 +172,10 @@ def wait_nodes_ready(client: ApiClient, names: Iterable[str], timeout: float = 1
             return
         if time.monotonic() > deadline:
             sample = sorted(missing)[:5]
-            raise TimeoutError(f"{len(missing)} nodes not Ready after {timeout:.0f}s, e.g. {sample}")
-        time.sleep(0.5)
+            raise TimeoutError(
+                f"{len(missing)} nodes not Ready after {timeout:.0f}s, e.g. {sample}"
+            )
+        time.sleep(READY_POLL_SECONDS)
 
 
 def apply_topology(client: ApiClient, topology: Topology, timeout: float = 300.0) -> list[str]:
