@@ -51,6 +51,9 @@ class StagePlan(ApiModel):
     """Whether the stage holds the input embedding (the first stage)."""
     has_head: bool
     """Whether the stage holds the final norm and LM head (the last stage)."""
+    recompute_activations: bool = False
+    """Keep only each layer's input during forward and recompute the rest in backward
+    (the planner sets it where 1F1B's in-flight activations would not fit)."""
 
     @property
     def layers(self) -> range:

@@ -1,0 +1,199 @@
+"""Turn a chosen layout into the versioned Plan the trainer follows.
+
+Seating rule: inside a pool, each EP group's stage blocks are contiguous device
+slots, ``ep`` per block, filled node by node from slot 0; plan ranks are then
+numbered by (pool in cluster order, node slot, local rank), so the ranks of one node
+are contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+from hetmoe_operator.api.job import PlacementSpec
+from hetmoe_operator.placement.bound import ideal_tokens_per_s
+from hetmoe_operator.placement.cost_model import GIB
+from hetmoe_operator.placement.layout import Evaluation, Layout, Problem
+from hetmoe_operator.plan import (
+    MemoryEstimate,
+    ParallelDegrees,
+    Plan,
+    PoolSummary,
+    Prediction,
+    RankPlan,
+    ReplicaPlan,
+    StagePlan,
+    StepTimeBreakdown,
+)
+
+
+def _ranges(layers: list[int]) -> str:
+    """``[0, 1, 2, 5, 6]`` -> ``"0-2,5-6"``."""
+    parts: list[str] = []
+    for layer in sorted(set(layers)):
+        if parts and int(parts[-1].split("-")[-1]) == layer - 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{layer}"
+        else:
+            parts.append(str(layer))
+    return ",".join(parts)
+
+
+def describe_inputs(problem: Problem, layout: Layout) -> list[str]:
+    """The catalog figures and model constants behind a prediction."""
+    catalog = problem.cluster.catalog
+    lines = []
+    for grade_name in sorted({problem.pools[p].grade.name for p in layout.devices_per_pool()}):
+        grade = catalog.grade(grade_name)
+        e = grade.efficiency
+        lines.append(
+            f"grade {grade.name}: {grade.peak_bf16_tflops:g} TFLOPS peak bf16 x efficiency "
+            f"attention {e.attention:g} / expert {e.expert_ffn:g} / dense {e.dense_ffn:g} / "
+            f"embedding {e.embedding:g} / optimizer {e.optimizer:g}; {grade.memory_gib:g} GiB; "
+            f"{grade.intra_node_gbps:g} GB/s intra-node, {grade.inter_node_gbps:g} GB/s "
+            f"inter-node; {grade.price_per_hour:g} {catalog.currency}/h"
+        )
+    lines.append(f"cross-pool bandwidth {catalog.cross_pool_gbps:g} GB/s per device")
+    placement = problem.placement(layout.ep, layout.redundant_experts)
+    lines.append(
+        f"expert placement per EP group of {layout.ep}: "
+        f"{max(len(x) for x in placement.experts)} slots per rank, "
+        f"{placement.redundant_slots} redundant, expected load imbalance "
+        f"{placement.imbalance:.3f} (max/mean)"
+    )
+    return lines + problem.assumptions.describe()
+
+
+def build_plan(
+    problem: Problem,
+    layout: Layout,
+    evaluation: Evaluation,
+    placement: PlacementSpec,
+    job_name: str,
+) -> Plan:
+    """The Plan for ``layout`` with its prediction."""
+    ep, pp = layout.ep, layout.pp
+    order = {name: i for i, name in enumerate(problem.pools)}
+    cursor: dict[str, int] = {}
+    seats = []  # (pool order, node slot, local rank, pool, group, stage, ep rank)
+    for group, template in enumerate(layout.groups):
+        for stage, pool in enumerate(template):
+            per_node = problem.pools[pool].pool.devices_per_node
+            start = cursor.get(pool, 0)
+            cursor[pool] = start + ep
+            for ep_rank in range(ep):
+                slot = start + ep_rank
+                seats.append(
+                    (order[pool], slot // per_node, slot % per_node, pool, group, stage, ep_rank)
+                )
+    seats.sort()
+    expert_sets = problem.placement(ep, layout.redundant_experts).experts
+    memory = problem.memory
+    ranks = []
+    for rank, (_, node_slot, local_rank, pool, group, stage, ep_rank) in enumerate(seats):
+        start, end = layout.bounds[stage], layout.bounds[stage + 1]
+        has_moe = memory.moe_layers[end] > memory.moe_layers[start]
+        ranks.append(
+            RankPlan(
+                rank=rank,
+                pool=pool,
+                grade=problem.pools[pool].grade.name,
+                node_slot=node_slot,
+                local_rank=local_rank,
+                stage=stage,
+                dp_index=group * ep + ep_rank,
+                ep_group=group,
+                ep_rank=ep_rank,
+                experts=list(expert_sets[ep_rank]) if has_moe else [],
+            )
+        )
+    stages = [
+        StagePlan(
+            index=s,
+            layer_start=layout.bounds[s],
+            layer_end=layout.bounds[s + 1],
+            has_embedding=s == 0,
+            has_head=s == pp - 1,
+            recompute_activations=layout.recompute[s],
+        )
+        for s in range(pp)
+    ]
+    replicas = [
+        ReplicaPlan(
+            dp_index=group * ep + j,
+            samples_per_step=layout.microbatch_size * count,
+            microbatch_size=layout.microbatch_size,
+            num_microbatches=count,
+        )
+        for group, count in enumerate(layout.microbatches)
+        for j in range(ep)
+    ]
+    step = evaluation.step
+    seq = problem.training.sequence_length
+    summaries = []
+    for pool, devices in sorted(layout.devices_per_pool().items(), key=lambda kv: order[kv[0]]):
+        info = problem.pools[pool]
+        pool_ranks = [r for r in ranks if r.pool == pool]
+        pool_stages = sorted({r.stage for r in pool_ranks})
+        flow = (
+            sum(
+                ep * layout.microbatch_size * count * seq * template.count(pool) / pp
+                for template, count in zip(layout.groups, layout.microbatches, strict=True)
+            )
+            / step.total
+        )
+        summaries.append(
+            PoolSummary(
+                pool=pool,
+                grade=info.grade.name,
+                nodes=math.ceil(devices / info.pool.devices_per_node),
+                devices=devices,
+                stages=pool_stages,
+                layers=_ranges([x for s in pool_stages for x in stages[s].layers]),
+                experts_per_device=sum(len(r.experts) for r in pool_ranks) / len(pool_ranks),
+                predicted_tokens_per_s=flow,
+                cost_per_hour=devices * info.grade.price_per_hour,
+            )
+        )
+    ideal = ideal_tokens_per_s(problem, layout.devices_per_pool())
+    prediction = Prediction(
+        step_time=StepTimeBreakdown(
+            compute=step.compute,
+            bubble=step.bubble,
+            communication=step.communication,
+            imbalance=step.imbalance,
+            optimizer=step.optimizer,
+            total=step.total,
+        ),
+        tokens_per_s=evaluation.tokens_per_s,
+        cost_per_hour=evaluation.cost_per_hour,
+        cost_per_1t_tokens=evaluation.cost_per_1t_tokens,
+        ideal_tokens_per_s=ideal,
+        fraction_of_ideal=evaluation.tokens_per_s / ideal,
+        memory=[
+            MemoryEstimate(
+                pool=check.pool,
+                stage=check.stage,
+                weights_gib=check.usage.weights / GIB,
+                gradients_gib=check.usage.gradients / GIB,
+                optimizer_gib=check.usage.optimizer / GIB,
+                activations_gib=check.usage.activations / GIB,
+                total_gib=check.usage.total / GIB,
+                capacity_gib=check.capacity_bytes / GIB,
+            )
+            for check in evaluation.memory
+        ],
+        assumptions=describe_inputs(problem, layout),
+    )
+    return Plan(
+        job=job_name,
+        objective=placement.objective,
+        currency=problem.cluster.catalog.currency,
+        model=problem.model,
+        training=problem.training,
+        parallel=ParallelDegrees(pp=pp, dp=layout.dp, ep=ep, tp=1),
+        stages=stages,
+        replicas=replicas,
+        ranks=ranks,
+        pools=summaries,
+        prediction=prediction,
+    )

@@ -1,0 +1,404 @@
+"""A candidate layout and its predicted step time, memory and cost.
+
+The planner's search, the baselines and the benchmark's exhaustive search all score
+layouts with :func:`evaluate`, so they can only differ in *which* layouts they try.
+
+A layout is a list of EP groups of ``ep`` data-parallel replicas each; a group's
+stage ``s`` runs on ``ep`` devices of pool ``groups[g][s]`` (so an EP group never
+leaves a pool). Within a pool, each group's devices are seated contiguously, stage
+after stage, ``ep`` devices per stage block.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from hetmoe_operator.api.catalog import DeviceGrade
+from hetmoe_operator.api.cluster import ClusterDescription, NodePool
+from hetmoe_operator.api.model import ModelArchitecture
+from hetmoe_operator.api.training import TrainingConfig
+from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile
+from hetmoe_operator.placement.experts import ExpertPlacement, balanced_placement
+from hetmoe_operator.placement.memory import MemoryModel, StageMemory, StageShape
+
+REDUNDANT_FRACTION = 0.125
+"""At most this fraction of extra expert slots per EP group (EPLB's published setting)."""
+
+
+@dataclass(frozen=True)
+class PoolInfo:
+    """A usable pool with its grade and per-grade speed profile."""
+
+    pool: NodePool
+    grade: DeviceGrade
+    profile: GradeProfile
+    usable_bytes: float
+
+
+class Problem:
+    """Everything fixed for one planning request, with caches for repeated queries."""
+
+    def __init__(
+        self,
+        model: ModelArchitecture,
+        training: TrainingConfig,
+        cluster: ClusterDescription,
+        loads: Sequence[float],
+        assumptions: Assumptions | None = None,
+    ) -> None:
+        self.model = model
+        self.training = training
+        self.cluster = cluster
+        self.assumptions = assumptions or Assumptions()
+        self.memory = MemoryModel(model, training.sequence_length, self.assumptions)
+        total = sum(loads)
+        self.loads = tuple(load / total for load in loads)
+        profiles: dict[str, GradeProfile] = {}
+        self.pools: dict[str, PoolInfo] = {}
+        for pool in cluster.pools:
+            if pool.devices == 0:
+                continue
+            grade = cluster.catalog.grade(pool.grade)
+            if grade.name not in profiles:
+                profiles[grade.name] = GradeProfile(
+                    model, grade, training.sequence_length, self.assumptions
+                )
+            self.pools[pool.name] = PoolInfo(
+                pool, grade, profiles[grade.name], self.memory.usable_bytes(grade)
+            )
+        self._placements: dict[tuple[int, int], ExpertPlacement] = {}
+        self._stage_vectors: dict[tuple, _StageVector] = {}
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens of one optimizer step."""
+        return self.training.tokens_per_step
+
+    def placement(self, ep: int, redundant: bool) -> ExpertPlacement:
+        """Expert placement for an EP group of ``ep`` equal devices."""
+        key = (ep, int(redundant))
+        if key not in self._placements:
+            extra = int(REDUNDANT_FRACTION * self.model.num_experts) if redundant else 0
+            self._placements[key] = balanced_placement(self.loads, [1.0] * ep, extra)
+        return self._placements[key]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """One way to lay the job out (see the module docstring)."""
+
+    pp: int
+    ep: int
+    bounds: tuple[int, ...]
+    """Stage boundaries: stage s holds layers [bounds[s], bounds[s+1])."""
+    groups: tuple[tuple[str, ...], ...]
+    """Per EP group: the pool serving each stage."""
+    microbatch_size: int
+    """Sequences per microbatch, the same for every replica."""
+    microbatches: tuple[int, ...]
+    """Microbatches per step, per EP group (its replicas' share of the batch)."""
+    recompute: tuple[bool, ...]
+    """Per stage: recompute activations in backward (store only layer inputs)."""
+    redundant_experts: bool
+    """Whether EP groups carry redundant replicas of hot experts."""
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel replicas."""
+        return len(self.groups) * self.ep
+
+    def devices_per_pool(self) -> dict[str, int]:
+        """Devices the layout takes from each pool."""
+        used: dict[str, int] = {}
+        for template in self.groups:
+            for pool in template:
+                used[pool] = used.get(pool, 0) + self.ep
+        return used
+
+
+@dataclass(frozen=True)
+class MemoryCheck:
+    """Peak memory of the devices of one stage in one pool."""
+
+    pool: str
+    stage: int
+    usage: StageMemory
+    usable_bytes: float
+    capacity_bytes: float
+
+
+@dataclass(frozen=True)
+class Breakdown:
+    """Seconds per step by cause, as in ``StepTimeBreakdown``."""
+
+    compute: float
+    bubble: float
+    communication: float
+    imbalance: float
+    optimizer: float
+
+    @property
+    def total(self) -> float:
+        """Predicted step time."""
+        return self.compute + self.bubble + self.communication + self.imbalance + self.optimizer
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the cost model predicts for one layout."""
+
+    step: Breakdown
+    tokens_per_s: float
+    cost_per_hour: float
+    memory: tuple[MemoryCheck, ...]
+
+    @property
+    def fits(self) -> bool:
+        """Whether every device stays within its usable memory."""
+        return all(m.usage.total <= m.usable_bytes for m in self.memory)
+
+    @property
+    def worst_memory_ratio(self) -> float:
+        """Largest usage / usable over all devices (> 1 means out of memory)."""
+        return max(m.usage.total / m.usable_bytes for m in self.memory)
+
+    @property
+    def cost_per_1t_tokens(self) -> float:
+        """Price of 10^12 tokens at the predicted speed."""
+        return self.cost_per_hour * 1e12 / self.tokens_per_s / 3600.0
+
+
+@dataclass(frozen=True)
+class _StageVector:
+    """Per-token seconds of one stage of one template, split by cause."""
+
+    compute: float
+    expert_excess: float
+    communication: float
+    latency: float
+
+
+def _spans_intra_node(layout: Layout, problem: Problem) -> dict[str, bool]:
+    """Per pool: whether every group's stage blocks share one node (p2p stays intra-node)."""
+    spans: dict[str, set[int]] = {}
+    for template in layout.groups:
+        counts: dict[str, int] = {}
+        for pool in template:
+            counts[pool] = counts.get(pool, 0) + layout.ep
+        for pool, span in counts.items():
+            spans.setdefault(pool, set()).add(span)
+    result = {}
+    for pool, sizes in spans.items():
+        per_node = problem.pools[pool].pool.devices_per_node
+        span = next(iter(sizes))
+        result[pool] = len(sizes) == 1 and span <= per_node and per_node % span == 0
+    return result
+
+
+def _stage_vector(
+    problem: Problem,
+    layout: Layout,
+    template: tuple[str, ...],
+    stage: int,
+    p2p_intra: dict[str, bool],
+) -> _StageVector:
+    recompute = layout.recompute[stage]
+    key = (
+        template,
+        stage,
+        layout.bounds,
+        layout.ep,
+        recompute,
+        layout.redundant_experts,
+        p2p_intra.get(template[stage], False),
+        p2p_intra.get(template[stage + 1], False) if stage + 1 < layout.pp else False,
+    )
+    cached = problem._stage_vectors.get(key)
+    if cached is not None:
+        return cached
+    model = problem.model
+    a = problem.assumptions
+    info = problem.pools[template[stage]]
+    start, end = layout.bounds[stage], layout.bounds[stage + 1]
+    dense, expert = info.profile.forward_seconds(start, end)
+    passes = info.profile.passes + (1.0 if recompute else 0.0)
+    imbalance = problem.placement(layout.ep, layout.redundant_experts).imbalance
+    compute = passes * (dense + expert)
+    if stage == layout.pp - 1:
+        compute += info.profile.head_seconds
+    expert_excess = passes * expert * (imbalance - 1.0)
+    moe_layers = problem.memory.moe_layers[end] - problem.memory.moe_layers[start]
+    exchanges = moe_layers * (6 if recompute else 4)
+    communication = 0.0
+    latency = 0.0
+    if layout.ep > 1 and exchanges:
+        per_node = info.pool.devices_per_node
+        intra = layout.ep <= per_node and per_node % layout.ep == 0
+        gbps = info.grade.intra_node_gbps if intra else info.grade.inter_node_gbps
+        payload = model.num_experts_per_tok * model.hidden_size * a.activation_bytes
+        communication += exchanges * payload * (layout.ep - 1) / layout.ep / (gbps * 1e9)
+        latency += exchanges * a.collective_latency_s
+    if stage + 1 < layout.pp:
+        nxt = template[stage + 1]
+        if nxt != template[stage]:
+            gbps = problem.cluster.catalog.cross_pool_gbps
+        elif p2p_intra.get(nxt, False):
+            gbps = info.grade.intra_node_gbps
+        else:
+            gbps = info.grade.inter_node_gbps
+        communication += 2 * model.hidden_size * a.activation_bytes / (gbps * 1e9)
+        latency += 2 * a.p2p_latency_s
+    vector = _StageVector(compute, expert_excess, communication, latency)
+    problem._stage_vectors[key] = vector
+    return vector
+
+
+def _sync_seconds(problem: Problem, members: dict[str, int], params: float, span: int) -> float:
+    """Gradient sync of ``params`` over ``members`` ranks per pool.
+
+    One pool: a ring at intra-node speed if the pool's share of the job (``span``
+    devices) fits on one node, else at inter-node speed. Several pools: hierarchical,
+    a ring inside each pool, then each rank exchanges its 1/n shard across pools.
+    """
+    a = problem.assumptions
+    total = sum(members.values())
+    if total <= 1 or params <= 0:
+        return 0.0
+    payload = params * a.sync_bytes_per_param
+    inner = 0.0
+    for pool, count in members.items():
+        if count <= 1:
+            continue
+        info = problem.pools[pool]
+        one_node = len(members) == 1 and span <= info.pool.devices_per_node
+        gbps = info.grade.intra_node_gbps if one_node else info.grade.inter_node_gbps
+        inner = max(inner, (count - 1) / count * payload / (gbps * 1e9))
+    latency = 2 * a.collective_latency_s
+    if len(members) == 1:
+        return inner + latency
+    shard = payload / min(members.values())
+    outer = (
+        (len(members) - 1) / len(members) * shard / (problem.cluster.catalog.cross_pool_gbps * 1e9)
+    )
+    return inner + outer + 2 * latency
+
+
+def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[float, float]:
+    """Exposed gradient sync (slowest stage) and optimizer time (slowest device)."""
+    model = problem.model
+    memory = problem.memory
+    placement = problem.placement(layout.ep, layout.redundant_experts)
+    slots = max(len(e) for e in placement.experts)
+    expert_holders = len(layout.groups)
+    templates = Counter(layout.groups)
+    used = layout.devices_per_pool()
+    sync = 0.0
+    optimizer = 0.0
+    for stage in range(layout.pp):
+        start, end = layout.bounds[stage], layout.bounds[stage + 1]
+        dense = memory.dense_params[end] - memory.dense_params[start]
+        dense += model.embedding_params * (int(stage == 0) + int(stage == layout.pp - 1))
+        experts = (memory.moe_layers[end] - memory.moe_layers[start]) * slots * model.expert_params
+        groups_per_pool: dict[str, int] = {}
+        for template, count in templates.items():
+            pool = template[stage]
+            groups_per_pool[pool] = groups_per_pool.get(pool, 0) + count
+        span = max(used[p] for p in groups_per_pool)
+        ranks = {p: n * layout.ep for p, n in groups_per_pool.items()}
+        seconds = _sync_seconds(problem, ranks, dense, span)
+        seconds += _sync_seconds(problem, groups_per_pool, experts, span)
+        sync = max(sync, seconds)
+        local = dense / layout.dp + experts / expert_holders
+        for pool in groups_per_pool:
+            profile = problem.pools[pool].profile
+            optimizer = max(optimizer, local * profile.optimizer_seconds_per_param)
+    return sync, optimizer
+
+
+def _memory(problem: Problem, layout: Layout) -> tuple[MemoryCheck, ...]:
+    placement = problem.placement(layout.ep, layout.redundant_experts)
+    slots = max(len(e) for e in placement.experts)
+    per_template: dict[tuple[str, ...], int] = {}
+    for template, count in zip(layout.groups, layout.microbatches, strict=True):
+        per_template[template] = max(per_template.get(template, 0), count)
+    most: dict[tuple[str, int], int] = {}
+    for template, count in per_template.items():
+        for stage, pool in enumerate(template):
+            most[(pool, stage)] = max(most.get((pool, stage), 0), count)
+    checks = []
+    for (pool, stage), count in sorted(most.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        shape = StageShape(
+            start=layout.bounds[stage],
+            end=layout.bounds[stage + 1],
+            has_embedding=stage == 0,
+            has_head=stage == layout.pp - 1,
+            expert_slots=slots,
+            dense_shards=layout.dp,
+            expert_shards=len(layout.groups),
+            in_flight=min(layout.pp - stage, count),
+            recompute=layout.recompute[stage],
+        )
+        info = problem.pools[pool]
+        checks.append(
+            MemoryCheck(
+                pool=pool,
+                stage=stage,
+                usage=problem.memory.stage(shape, layout.microbatch_size),
+                usable_bytes=info.usable_bytes,
+                capacity_bytes=info.grade.memory_gib * float(1 << 30),
+            )
+        )
+    return tuple(checks)
+
+
+def evaluate(problem: Problem, layout: Layout) -> Evaluation:
+    """Predicted step time, throughput, cost and memory of ``layout``."""
+    seq = problem.training.sequence_length
+    p2p_intra = _spans_intra_node(layout, problem)
+    tokens = layout.microbatch_size * seq
+    worst: tuple[float, int, list[_StageVector]] | None = None
+    vectors_of: dict[tuple[str, ...], list[_StageVector]] = {}
+    known: dict[tuple[tuple[str, ...], int], float] = {}
+    for template, m in zip(layout.groups, layout.microbatches, strict=True):
+        if template not in vectors_of:
+            vectors_of[template] = [
+                _stage_vector(problem, layout, template, s, p2p_intra) for s in range(layout.pp)
+            ]
+        vectors = vectors_of[template]
+        seconds = known.get((template, m), -1.0)
+        if seconds < 0:
+            times = [
+                tokens * (v.compute + v.expert_excess + v.communication) + v.latency
+                for v in vectors
+            ]
+            seconds = known[(template, m)] = sum(times) + (m - 1) * max(times)
+        if worst is None or seconds > worst[0]:
+            worst = (seconds, m, vectors)
+    assert worst is not None
+    sync, optimizer = _sync_and_optimizer(problem, layout)
+    _, m, worst_vectors = worst
+    parts = [(tokens, v) for v in worst_vectors]
+    times = [t * (v.compute + v.expert_excess + v.communication) + v.latency for t, v in parts]
+    total_t = sum(times)
+    mean_t = total_t / len(times)
+    compute = sum(t * v.compute for t, v in parts)
+    excess = sum(t * v.expert_excess for t, v in parts)
+    communication = sum(t * v.communication + v.latency for t, v in parts)
+    work = m * mean_t
+    step = Breakdown(
+        compute=work * compute / total_t,
+        bubble=total_t - max(times),
+        communication=work * communication / total_t + sync,
+        imbalance=work * excess / total_t + m * (max(times) - mean_t),
+        optimizer=optimizer,
+    )
+    used = layout.devices_per_pool()
+    cost = sum(problem.pools[p].grade.price_per_hour * n for p, n in used.items())
+    return Evaluation(
+        step=step,
+        tokens_per_s=problem.tokens_per_step / step.total,
+        cost_per_hour=cost,
+        memory=_memory(problem, layout),
+    )

@@ -1,0 +1,548 @@
+"""The planner's search over layouts.
+
+Search space (every point is scored by :func:`~.layout.evaluate`):
+
+* which grades take part: prefixes of the grades ranked by speed and by price per
+  effective FLOP, plus every single grade (so the plan is never worse than the best
+  single-grade plan, and a straggler or poor-value grade can be left out);
+* pipeline degree ``pp`` and expert-parallel degree ``ep``: the full grid for a single
+  grade; for a mix, the best degrees of its members (and of the best plan so far),
+  also with 2x and 4x deeper pipelines, which keeps the search linear in the grades;
+* EP groups of ``ep`` replicas, each group inside one pool; every pool of a chosen
+  grade contributes as many groups as fit (fewer under a pinned dp or a budget);
+* one uneven layer split shared by all replicas, balancing the slowest stage over the
+  grades in use (and, if that overflows memory, a memory-aware split);
+* microbatch size, with each EP group's microbatch count proportional to its speed;
+* activation recomputation and redundant expert slots, only when memory allows or
+  requires.
+
+Given the previous plan (a re-plan after losing or gaining nodes), the search first
+looks only near it: its grades and its degrees halved or doubled; the full search
+runs only if nothing near it fits.
+
+Candidates are visited in a fixed order and ties broken by a fixed key, so the same
+input always yields the same plan (unless the time limit cuts the search short).
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from bisect import bisect_right
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+from hetmoe_operator.api.job import PlacementSpec
+from hetmoe_operator.placement.cost_model import GradeProfile, price_performance
+from hetmoe_operator.placement.layout import Evaluation, Layout, Problem, evaluate
+from hetmoe_operator.placement.memory import StageShape
+from hetmoe_operator.placement.stages import split_layers
+from hetmoe_operator.plan import Plan
+
+_PP_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
+_STALE_MICROBATCH_OPTIONS = 1
+"""Stop trying larger microbatch sizes after this many non-improving ones in a row."""
+_FAVOURITES = 2
+"""(pp, ep) pairs per grade that mixes of grades are tried with."""
+
+
+class StageBalance:
+    """Stage times of several grades, each relative to its whole-model time, so one
+    split suits every grade in use; prefix sums make ``reach`` a bisection."""
+
+    def __init__(self, profiles: Sequence[GradeProfile], pp: int) -> None:
+        self.last = pp - 1
+        self.prefixes: list[list[float]] = []
+        self.heads: list[float] = []
+        for profile in profiles:
+            layers = len(profile.dense_prefix) - 1
+            whole = profile.passes * sum(profile.forward_seconds(0, layers)) + profile.head_seconds
+            self.prefixes.append(
+                [
+                    profile.passes * (d + e) / whole
+                    for d, e in zip(profile.dense_prefix, profile.expert_prefix, strict=True)
+                ]
+            )
+            self.heads.append(profile.head_seconds / whole)
+
+    def cost(self, stage: int, start: int, end: int) -> float:
+        """The worst grade's relative time for layers [start, end) on ``stage``."""
+        return max(
+            prefix[end] - prefix[start] + (head if stage == self.last else 0.0)
+            for prefix, head in zip(self.prefixes, self.heads, strict=True)
+        )
+
+    def reach(self, stage: int, start: int, bound: float) -> int:
+        """Largest end with ``cost(stage, start, end) <= bound``."""
+        end = len(self.prefixes[0]) - 1
+        for prefix, head in zip(self.prefixes, self.heads, strict=True):
+            target = prefix[start] + bound - (head if stage == self.last else 0.0)
+            end = min(end, bisect_right(prefix, target * (1 + 1e-12)) - 1)
+        return max(end, start - 1)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """A feasible layout with its evaluation."""
+
+    layout: Layout
+    evaluation: Evaluation
+
+
+def divisors(n: int) -> list[int]:
+    """All divisors of ``n`` in increasing order."""
+    small, large = [], []
+    d = 1
+    while d * d <= n:
+        if n % d == 0:
+            small.append(d)
+            if d != n // d:
+                large.append(n // d)
+        d += 1
+    return small + large[::-1]
+
+
+def apportion(total: int, weights: Sequence[float]) -> list[int] | None:
+    """Split ``total`` into positive integers proportional to ``weights`` (largest
+    remainder); None when ``total`` is smaller than the number of parts."""
+    parts = len(weights)
+    if total < parts:
+        return None
+    spare = total - parts
+    weight_sum = sum(weights)
+    exact = [spare * w / weight_sum for w in weights]
+    shares = [int(x) for x in exact]
+    order = sorted(range(parts), key=lambda i: (-(exact[i] - shares[i]), i))
+    for i in order[: spare - sum(shares)]:
+        shares[i] += 1
+    return [s + 1 for s in shares]
+
+
+def fill_pipelines(stage_seconds: Sequence[float], pp: int, total: int) -> list[int] | None:
+    """Split ``total`` microbatches over pipelines whose slowest stage takes
+    ``stage_seconds`` each, so that ``(count + pp - 1) x stage_seconds`` (1F1B with its
+    fill and drain) is as equal as possible; every pipeline gets at least one."""
+    parts = len(stage_seconds)
+    if total < parts:
+        return None
+    times = [max(t, 1e-30) for t in stage_seconds]
+
+    def counts_at(limit: float) -> list[int]:
+        return [max(1, int(limit / t) - (pp - 1)) for t in times]
+
+    low, high = 0.0, (total + pp) * max(times)
+    for _ in range(100):
+        middle = (low + high) / 2
+        if sum(counts_at(middle)) <= total:
+            low = middle
+        else:
+            high = middle
+    counts = counts_at(low)
+    heap = [((c + pp) * t, i) for i, (c, t) in enumerate(zip(counts, times, strict=True))]
+    heapq.heapify(heap)
+    for _ in range(total - sum(counts)):
+        _, i = heapq.heappop(heap)
+        counts[i] += 1
+        heapq.heappush(heap, ((counts[i] + pp) * times[i], i))
+    return counts
+
+
+def score(evaluation: Evaluation, placement: PlacementSpec) -> float:
+    """Lower is better: seconds per token, or cost per token under the cost objective."""
+    if placement.objective == "cost":
+        return evaluation.cost_per_1t_tokens
+    return 1.0 / evaluation.tokens_per_s
+
+
+class Searcher:
+    """One planning run: fixed inputs, a deadline, the best layout so far."""
+
+    def __init__(
+        self, problem: Problem, placement: PlacementSpec, previous: Plan | None = None
+    ) -> None:
+        self.problem = problem
+        self.placement = placement
+        self.previous = previous
+        self.best: Scored | None = None
+        self.best_key: tuple | None = None
+        self.closest_misfit: Evaluation | None = None
+        self.over_budget: Evaluation | None = None
+        self.cheapest_blocked = float("inf")
+        """Price per hour of the cheapest EP group the budget did not allow."""
+        self._splits: dict[tuple, tuple[int, ...] | None] = {}
+        self._balances: dict[tuple, StageBalance] = {}
+        self._balanced: dict[tuple, tuple[tuple[int, ...], tuple[bool, ...]]] = {}
+        grades: dict[str, list[str]] = {}
+        for name, info in problem.pools.items():
+            grades.setdefault(info.grade.name, []).append(name)
+        self.grade_pools = grades
+
+    # -- enumeration -------------------------------------------------------------
+
+    def grade_subsets(self) -> list[tuple[str, ...]]:
+        """Grade sets worth trying, in a fixed order (see the module docstring)."""
+        catalog = self.problem.cluster.catalog
+        names = sorted(self.grade_pools)
+        by_speed = sorted(
+            names, key=lambda g: (-catalog.grade(g).effective_tflops("expert_ffn"), g)
+        )
+        by_value = sorted(names, key=lambda g: (price_performance(catalog, g), g))
+        subsets: list[tuple[str, ...]] = []
+        for ranking in (by_value, by_speed):
+            for k in range(len(ranking), 0, -1):
+                subsets.append(tuple(sorted(ranking[:k])))
+        subsets += [(g,) for g in names]
+        return list(dict.fromkeys(subsets))
+
+    def pp_options(self) -> list[int]:
+        """Pipeline degrees to try."""
+        if self.placement.pipeline_parallel is not None:
+            return [self.placement.pipeline_parallel]
+        layers = self.problem.model.num_hidden_layers
+        return [p for p in _PP_LADDER if p <= layers]
+
+    def ep_options(self) -> list[int]:
+        """Expert-parallel degrees to try: divisors of the expert count."""
+        if self.placement.expert_parallel is not None:
+            return [self.placement.expert_parallel]
+        return divisors(self.problem.model.num_experts)
+
+    def groups_for(
+        self, subset: tuple[str, ...], pp: int, ep: int
+    ) -> tuple[tuple[str, ...], ...] | None:
+        """EP groups (each a pool per stage) for grades ``subset``, or None if none fit."""
+        catalog = self.problem.cluster.catalog
+        capacity: list[tuple[float, str, int]] = []
+        for grade in subset:
+            for pool in self.grade_pools[grade]:
+                count = self.problem.pools[pool].pool.devices // (pp * ep)
+                if count:
+                    rank = (
+                        price_performance(catalog, grade)
+                        if self.placement.objective != "throughput"
+                        else -catalog.grade(grade).effective_tflops("expert_ffn")
+                    )
+                    capacity.append((rank, pool, count))
+        capacity.sort()
+        wanted: int | None = None
+        if self.placement.data_parallel is not None:
+            if self.placement.data_parallel % ep:
+                return None
+            wanted = self.placement.data_parallel // ep
+        budget = self.placement.budget_per_hour
+        groups: list[tuple[str, ...]] = []
+        spent = 0.0
+        for _, pool, count in capacity:
+            price = self.problem.pools[pool].grade.price_per_hour * pp * ep
+            for _ in range(count):
+                if wanted is not None and len(groups) >= wanted:
+                    break
+                if (
+                    self.placement.objective == "throughput-under-budget"
+                    and budget is not None
+                    and spent + price > budget
+                ):
+                    if not groups:
+                        self.cheapest_blocked = min(self.cheapest_blocked, price)
+                    break
+                groups.append((pool,) * pp)
+                spent += price
+        if not groups or (wanted is not None and len(groups) != wanted):
+            return None
+        # Seat groups pool by pool in cluster order, so ranks of a pool are contiguous.
+        order = {name: i for i, name in enumerate(self.problem.pools)}
+        return tuple(sorted(groups, key=lambda t: order[t[0]]))
+
+    # -- layer split -------------------------------------------------------------
+
+    def balance(self, pp: int, grades: tuple[str, ...]) -> StageBalance:
+        """Normalised stage times of ``grades`` (cached)."""
+        key = (pp, grades)
+        if key not in self._balances:
+            profiles = [self.problem.pools[self.grade_pools[g][0]].profile for g in grades]
+            self._balances[key] = StageBalance(profiles, pp)
+        return self._balances[key]
+
+    def time_split(self, pp: int, grades: tuple[str, ...]) -> tuple[int, ...] | None:
+        """Split minimising the slowest stage over the grades in use (cached)."""
+        key = (pp, grades)
+        if key not in self._splits:
+            balance = self.balance(pp, grades)
+            layers = self.problem.model.num_hidden_layers
+            self._splits[key] = split_layers(
+                layers, pp, balance.reach, balance.cost(pp - 1, 0, layers)
+            )
+        return self._splits[key]
+
+    def memory_split(
+        self, layout: Layout, grades: tuple[str, ...]
+    ) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
+        """Split that never overflows a device, recomputing activations only on the
+        stages that need it (early 1F1B stages hold the most microbatches) and giving
+        those stages fewer layers to pay for the extra forward pass."""
+        problem = self.problem
+        pp = layout.pp
+        placement = problem.placement(layout.ep, layout.redundant_experts)
+        slots = max(len(e) for e in placement.experts)
+        most: list[dict[str, int]] = [{} for _ in range(pp)]
+        for template, count in set(zip(layout.groups, layout.microbatches, strict=True)):
+            for stage, pool in enumerate(template):
+                most[stage][pool] = max(most[stage].get(pool, 0), count)
+        checks: dict[tuple[int, bool], list[tuple[Callable[[int, int], float], float]]] = {}
+
+        def fits_with(stage: int, start: int, end: int, recompute: bool) -> bool:
+            key = (stage, recompute)
+            if key not in checks:
+                checks[key] = []
+                for pool, count in most[stage].items():
+                    shape = StageShape(
+                        start=0,
+                        end=0,
+                        has_embedding=stage == 0,
+                        has_head=stage == pp - 1,
+                        expert_slots=slots,
+                        dense_shards=layout.dp,
+                        expert_shards=len(layout.groups),
+                        in_flight=min(pp - stage, count),
+                        recompute=recompute,
+                    )
+                    total = problem.memory.stage_total_fn(shape, layout.microbatch_size)
+                    checks[key].append((total, problem.pools[pool].usable_bytes))
+            return all(total(start, end) <= usable for total, usable in checks[key])
+
+        layers = problem.model.num_hidden_layers
+        limits: dict[tuple[int, int, bool], int] = {}
+
+        def max_end(stage: int, start: int, recompute: bool) -> int:
+            """Last layer end that still fits (start - 1 if not even an empty stage)."""
+            key = (stage, start, recompute)
+            if key not in limits:
+                if not fits_with(stage, start, start, recompute):
+                    limits[key] = start - 1
+                else:
+                    low, high = start, layers
+                    while low < high:
+                        middle = (low + high + 1) // 2
+                        if fits_with(stage, start, middle, recompute):
+                            low = middle
+                        else:
+                            high = middle - 1
+                    limits[key] = low
+            return limits[key]
+
+        balance = self.balance(pp, grades)
+        passes = 1.0 + problem.assumptions.backward_factor
+        slowdown = (passes + 1.0) / passes
+
+        def reach(stage: int, start: int, bound: float) -> int:
+            plain = min(balance.reach(stage, start, bound), max_end(stage, start, False))
+            slow = min(balance.reach(stage, start, bound / slowdown), max_end(stage, start, True))
+            return max(plain, slow)
+
+        floor = self.time_split(pp, grades)
+        low = max(balance.cost(st, floor[st], floor[st + 1]) for st in range(pp)) if floor else 0.0
+        high = balance.cost(pp - 1, 0, layers) * slowdown
+        bounds = split_layers(layers, pp, reach, high, low=low)
+        if bounds is None:
+            return None
+        recompute = tuple(bounds[s + 1] > max_end(s, bounds[s], False) for s in range(pp))
+        return bounds, recompute
+
+    # -- scoring -------------------------------------------------------------------
+
+    def consider(self, layout: Layout) -> Evaluation:
+        """Evaluate ``layout`` and keep it if it is feasible and the best so far."""
+        evaluation = evaluate(self.problem, layout)
+        if not evaluation.fits:
+            if (
+                self.closest_misfit is None
+                or evaluation.worst_memory_ratio < self.closest_misfit.worst_memory_ratio
+            ):
+                self.closest_misfit = evaluation
+            return evaluation
+        budget = self.placement.budget_per_hour
+        if budget is not None and evaluation.cost_per_hour > budget * (1 + 1e-9):
+            if (
+                self.over_budget is None
+                or evaluation.cost_per_hour < self.over_budget.cost_per_hour
+            ):
+                self.over_budget = evaluation
+            return evaluation
+        key = (
+            score(evaluation, self.placement),
+            1.0 / evaluation.tokens_per_s,
+            sum(layout.devices_per_pool().values()),
+            layout.pp,
+            layout.ep,
+            layout.microbatch_size,
+            sum(layout.recompute),
+        )
+        if self.best_key is None or key < self.best_key:
+            self.best_key = key
+            self.best = Scored(layout, evaluation)
+        return evaluation
+
+    def layouts_for(
+        self,
+        subset: tuple[str, ...],
+        groups: tuple[tuple[str, ...], ...],
+        pp: int,
+        ep: int,
+        microbatch_size: int,
+    ) -> Iterator[Layout]:
+        """Variants of one configuration, cheapest in compute first."""
+        bounds = self.time_split(pp, subset)
+        if bounds is None:
+            return
+        counts = self.microbatch_counts(groups, bounds, ep, microbatch_size)
+        if counts is None:
+            return
+        plain = (False,) * pp
+        with_copies = self.problem.placement(ep, True)
+        same = with_copies.experts == self.problem.placement(ep, False).experts
+        for redundant in (True,) if same else (True, False):
+            layout = Layout(pp, ep, bounds, groups, microbatch_size, counts, plain, redundant)
+            yield layout
+            # A memory-aware split found for another microbatch size often fits too.
+            key = (subset, pp, ep, redundant)
+            previous = self._balanced.get(key)
+            if previous is not None:
+                yield Layout(
+                    pp, ep, previous[0], groups, microbatch_size, counts, previous[1], redundant
+                )
+            balanced = self.memory_split(layout, subset)
+            if balanced is not None and balanced != (bounds, plain) and balanced != previous:
+                self._balanced[key] = balanced
+                yield Layout(
+                    pp, ep, balanced[0], groups, microbatch_size, counts, balanced[1], redundant
+                )
+
+    def microbatch_counts(
+        self,
+        groups: tuple[tuple[str, ...], ...],
+        bounds: tuple[int, ...],
+        ep: int,
+        microbatch_size: int,
+    ) -> tuple[int, ...] | None:
+        """Microbatches per EP group so that all groups finish together; None when the
+        batch cannot give every replica a whole microbatch."""
+        units = self.problem.training.global_batch_size // microbatch_size
+        if units % ep:
+            return None
+        pp = len(bounds) - 1
+        seconds: dict[tuple[str, ...], float] = {}
+        for template in set(groups):
+            slowest = 0.0
+            for stage, pool in enumerate(template):
+                profile = self.problem.pools[pool].profile
+                dense, expert = profile.forward_seconds(bounds[stage], bounds[stage + 1])
+                head = profile.head_seconds if stage == pp - 1 else 0.0
+                slowest = max(slowest, profile.passes * (dense + expert) + head)
+            seconds[template] = slowest
+        counts = fill_pipelines([seconds[t] for t in groups], pp, units // ep)
+        return tuple(counts) if counts is not None else None
+
+    def run(self, deadline: float) -> None:
+        """Visit the search space until done or past ``deadline`` (a monotonic time).
+
+        Single grades get the full (pp, ep) grid; a mix of grades only tries the
+        degrees that ranked best for its members alone, which keeps the search
+        linear in the number of grades.
+        """
+        microbatch_options = divisors(self.problem.training.global_batch_size)
+        if self.previous is not None:
+            self._search_near(self.previous, deadline, microbatch_options)
+            if self.best is not None:
+                return
+        favourites: dict[str, list[tuple[float, int, int]]] = {}
+        subsets = self.grade_subsets()
+        singles = [s for s in subsets if len(s) == 1]
+        mixes = [s for s in subsets if len(s) > 1]
+        full_grid = [(pp, ep) for pp in self.pp_options() for ep in self.ep_options()]
+        for subset in singles + mixes:
+            if len(subset) == 1:
+                grid = full_grid
+            else:
+                # A mix has more replicas than any member: deeper pipelines may be
+                # needed to keep every replica busy with the same batch.
+                ranked = sorted(x for g in subset for x in favourites.get(g, []))
+                if self.best is not None:  # and the degrees of the best plan so far
+                    ranked.insert(0, (0.0, self.best.layout.pp, self.best.layout.ep))
+                deeper = [(pp * k, ep) for _, pp, ep in ranked for k in (1, 2, 4)]
+                grid = [x for x in dict.fromkeys(deeper) if x[0] in self.pp_options()]
+            results = []
+            for pp, ep in grid:
+                if time.monotonic() > deadline:
+                    return
+                groups = self.groups_for(subset, pp, ep)
+                if groups is None or not self.state_can_fit(groups, pp, ep):
+                    continue
+                found = self._try_microbatches(subset, groups, pp, ep, microbatch_options)
+                if found < float("inf"):
+                    results.append((found, pp, ep))
+            if len(subset) == 1:
+                favourites[subset[0]] = sorted(results)[:_FAVOURITES]
+
+    def _search_near(self, previous: Plan, deadline: float, options: list[int]) -> None:
+        """Re-plan after a capacity change: the previous plan's grades (those still
+        present) and degrees, and their neighbours (pp and ep halved or doubled)."""
+        grades = tuple(sorted({r.grade for r in previous.ranks} & set(self.grade_pools)))
+        if not grades:
+            return
+        pp, ep = previous.parallel.pp, previous.parallel.ep
+        near = [(pp, ep), (pp * 2, ep), (pp // 2, ep), (pp, ep * 2), (pp, ep // 2)]
+        allowed_pp, allowed_ep = set(self.pp_options()), set(self.ep_options())
+        for subset in dict.fromkeys([grades, *((g,) for g in grades)]):
+            for p, e in near:
+                if p not in allowed_pp or e not in allowed_ep or time.monotonic() > deadline:
+                    continue
+                groups = self.groups_for(subset, p, e)
+                if groups is not None and self.state_can_fit(groups, p, e):
+                    self._try_microbatches(subset, groups, p, e, options)
+
+    def state_can_fit(self, groups: tuple[tuple[str, ...], ...], pp: int, ep: int) -> bool:
+        """Necessary condition: weights, gradients and sharded optimizer state, spread
+        perfectly over a group's stages, fit the roomiest device in use."""
+        problem = self.problem
+        model = problem.model
+        memory = problem.memory
+        a = problem.assumptions
+        dp = len(groups) * ep
+        layers = model.num_hidden_layers
+        dense = memory.dense_params[layers] + 2 * model.embedding_params
+        experts = memory.moe_layers[layers] * model.num_experts * model.expert_params / ep
+        per_device = (
+            dense * (a.weight_bytes + a.gradient_bytes + a.optimizer_bytes / dp)
+            + experts * (a.weight_bytes + a.gradient_bytes + a.optimizer_bytes / len(groups))
+        ) / pp
+        roomiest = max(problem.pools[p].usable_bytes for template in set(groups) for p in template)
+        return per_device <= roomiest
+
+    def _try_microbatches(
+        self,
+        subset: tuple[str, ...],
+        groups: tuple[tuple[str, ...], ...],
+        pp: int,
+        ep: int,
+        options: list[int],
+    ) -> float:
+        """Best score over microbatch sizes, smallest first (inf if nothing fits)."""
+        batch = self.problem.training.global_batch_size
+        best = float("inf")
+        stale = 0
+        for size in options:
+            if batch // size < len(groups) * ep:
+                break
+            found = float("inf")
+            for layout in self.layouts_for(subset, groups, pp, ep, size):
+                evaluation = self.consider(layout)
+                if evaluation.fits:
+                    found = score(evaluation, self.placement)
+                    break
+            if found < best:
+                best, stale = found, 0
+            else:
+                stale += 1
+                if stale >= _STALE_MICROBATCH_OPTIONS:
+                    break
+        return best
