@@ -1,0 +1,250 @@
+"""A pipeline stage of the Ling MoE: optional embedding, a range of layers, optional head.
+
+Layers live in a ModuleDict keyed by their *global* layer id, so a parameter is
+called ``layers.17.attention.dense.weight`` whichever stage holds layer 17, and a
+checkpoint reshards across different stage splits by name alone. Local names map
+one-to-one onto the reference (Hugging Face Bailing) names with
+:func:`reference_name`: ``embed`` is ``model.word_embeddings``, ``layers.{i}`` is
+``model.layers.{i}``, ``norm`` is ``model.norm`` and ``head`` is ``lm_head``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hetmoe_operator.api.model import ModelArchitecture
+from hetmoe_operator.api.training import TrainingConfig
+from hetmoe_operator.plan import StagePlan
+from hetmoe_trainer.model.block import DecoderLayer
+from hetmoe_trainer.model.dispatch import ExpertParallel
+from hetmoe_trainer.model.init import initialize
+from hetmoe_trainer.model.moe import MoE
+from hetmoe_trainer.model.norm import RMSNorm
+from hetmoe_trainer.model.rope import rope_tables
+
+_EXPERT_PARAM = re.compile(r"(?:^|\.)mlp\.experts\.(\d+)\.")
+_LOCAL_PREFIXES = (
+    ("embed.", "model.word_embeddings."),
+    ("layers.", "model.layers."),
+    ("norm.", "model.norm."),
+    ("head.", "lm_head."),
+)
+
+
+def reference_name(local: str) -> str:
+    """Reference (Bailing) name of a stage-local parameter or buffer name."""
+    for ours, theirs in _LOCAL_PREFIXES:
+        if local.startswith(ours):
+            return theirs + local[len(ours) :]
+    raise KeyError(f"{local!r} is not a stage parameter name")
+
+
+def local_name(reference: str) -> str:
+    """Stage-local name of a reference (Bailing) name; inverse of :func:`reference_name`."""
+    for ours, theirs in _LOCAL_PREFIXES:
+        if reference.startswith(theirs):
+            return ours + reference[len(theirs) :]
+    raise KeyError(f"{reference!r} is not a Bailing MoE parameter name")
+
+
+@dataclass(frozen=True)
+class StageOutput:
+    """What a stage returns, so the runtime can size pipeline buffers and pick the loss.
+
+    ``kind="hidden"``: ``[B, S, hidden_size]`` in the stage dtype, sent to the next
+    stage. ``kind="logits"``: ``[B, S, vocab_size]`` in fp32 (last stage), ready for
+    cross-entropy.
+    """
+
+    kind: Literal["hidden", "logits"]
+    width: int
+    dtype: torch.dtype
+
+    def shape(self, batch: int, seq: int) -> tuple[int, int, int]:
+        """Output shape for a ``[batch, seq]`` microbatch."""
+        return (batch, seq, self.width)
+
+
+class NormHead(nn.Module):
+    """The ``lm_head`` with NormHead as in the Bailing reference.
+
+    The reference divides the weight by its L2 norm over dim 0 (for each hidden
+    column, across the vocabulary) with the norm detached from autograd, plus 1e-7.
+    We follow the reference code exactly (including the axis) so published weights
+    give the published logits; the norm is taken in fp32.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        vocab_size: int,
+        *,
+        normalize: bool,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.normalize = normalize
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """fp32 logits ``[B, S, V]``."""
+        weight = self.weight
+        if self.normalize:
+            norm = weight.detach().float().norm(p=2, dim=0, keepdim=True) + 1e-7
+            weight = weight / norm.to(weight.dtype)
+        return F.linear(x, weight).float()
+
+
+class Stage(nn.Module):
+    """The module one pipeline stage runs (see the package docstring for the interface)."""
+
+    def __init__(
+        self,
+        arch: ModelArchitecture,
+        plan: StagePlan,
+        training: TrainingConfig,
+        ep: ExpertParallel,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        self.arch = arch
+        self.plan = plan
+        self.balancing = training.balancing
+        self.step = 0
+        """Global step used when ``forward`` gets none (non-first pipeline stages)."""
+        if plan.has_embedding:
+            self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size, device=device, dtype=dtype)
+        self.layers = nn.ModuleDict(
+            {
+                str(i): DecoderLayer(arch, training, ep, i, device=device, dtype=dtype)
+                for i in plan.layers
+            }
+        )
+        if plan.has_head:
+            self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device=device, dtype=dtype)
+            self.head = NormHead(
+                arch.hidden_size,
+                arch.vocab_size,
+                normalize=arch.norm_head,
+                device=device,
+                dtype=dtype,
+            )
+        self.output = (
+            StageOutput("logits", arch.vocab_size, torch.float32)
+            if plan.has_head
+            else StageOutput("hidden", arch.hidden_size, dtype)
+        )
+
+    def set_step(self, step: int) -> None:
+        """Global step for forwards called without ``step`` (routing warmup needs it).
+
+        torch.distributed.pipelining hands keyword arguments to the first stage only,
+        so the runtime sets the step on every stage before each schedule step.
+        """
+        self.step = step
+
+    def forward(self, inputs: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Token ids ``[B, S]`` (first stage) or hidden ``[B, S, H]`` -> hidden or logits."""
+        step = self.step if step is None else step
+        x = self.embed(inputs) if self.plan.has_embedding else inputs
+        if self.layers:
+            cos, sin = rope_tables(
+                x.shape[1],
+                self.arch.resolved_head_dim,
+                self.arch.rope_theta,
+                device=x.device,
+                dtype=x.dtype,
+            )
+            for layer in self.layers.values():
+                x = layer(x, cos, sin, step)
+        if self.plan.has_head:
+            return self.head(self.norm(x))
+        return x
+
+    def moe_layers(self) -> dict[int, MoE]:
+        """MoE blocks of this stage by global layer id."""
+        return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
+
+    @staticmethod
+    def expert_param_owner(name: str) -> int | None:
+        """Global expert id of a routed-expert parameter name, None for any other parameter."""
+        match = _EXPERT_PARAM.search(name)
+        return int(match.group(1)) if match else None
+
+    def named_expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """Routed-expert parameters with their names."""
+        for name, param in self.named_parameters():
+            if self.expert_param_owner(name) is not None:
+                yield name, param
+
+    def expert_parameters(self) -> Iterator[nn.Parameter]:
+        """Routed-expert parameters: synced only among the ranks hosting the same expert."""
+        for _, param in self.named_expert_parameters():
+            yield param
+
+    def dense_parameters(self) -> Iterator[nn.Parameter]:
+        """Every other parameter: synced across all data-parallel replicas of the stage."""
+        for name, param in self.named_parameters():
+            if self.expert_param_owner(name) is None:
+                yield param
+
+    def set_aux_loss_scale(self, scale: float) -> None:
+        """Gradient scale of every attached aux + z loss (convention in ``moe.py``)."""
+        for moe in self.moe_layers().values():
+            moe.set_aux_loss_scale(scale)
+
+    def pop_expert_load(self) -> dict[int, torch.Tensor]:
+        """Per global layer id: int64 token slots per global expert since the last call.
+
+        Counts cover this rank's tokens only; sum them over the data-parallel group
+        for a global view (and before :meth:`update_balancing_bias`).
+        """
+        return {i: moe.pop_expert_load() for i, moe in self.moe_layers().items()}
+
+    def pop_aux_losses(self) -> dict[int, dict[str, float]]:
+        """Per global layer id: mean ``aux_loss`` and ``z_loss`` per forward since the last call."""
+        return {i: moe.pop_aux_losses() for i, moe in self.moe_layers().items()}
+
+    def update_balancing_bias(self, loads: dict[int, torch.Tensor], rate: float = 1e-3) -> None:
+        """Aux-loss-free balancing: ``bias += rate * sign(mean load - load)`` per layer.
+
+        ``loads`` (as from :meth:`pop_expert_load`, summed over the data-parallel group)
+        must be identical on every rank so every replica keeps the same bias. Call it
+        once per optimizer step, after the optimizer update.
+        """
+        if self.balancing != "bias":
+            raise RuntimeError("update_balancing_bias needs training.balancing == 'bias'")
+        moes = self.moe_layers()
+        for layer, load in loads.items():
+            moes[layer].gate.update_bias(load, rate)
+
+
+def build_stage(
+    arch: ModelArchitecture,
+    stage: StagePlan,
+    training: TrainingConfig,
+    ep: ExpertParallel,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Stage:
+    """Build and deterministically initialise one pipeline stage on ``device``.
+
+    PyTorch's default initialisation runs first and is then overwritten by
+    :func:`~hetmoe_trainer.model.init.initialize` from (seed, reference name).
+    (Building on the meta device would skip that, but its first ``to_empty`` costs
+    seconds per process, which every multi-process test and elastic restart pays.)
+    """
+    module = Stage(arch, stage, training, ep, device=device, dtype=dtype)
+    initialize(module, arch, training.seed, reference_name)
+    return module
