@@ -1,0 +1,263 @@
+"""Benchmark the operator on the 1,050-node reference topology.
+
+100 MoEJobs of 16 worker pods each are created at once against a real control
+plane (kwok nodes), with the operator running as a ``hetmoe operator`` subprocess:
+
+* apply -> all 16 pods created, and -> all 16 Running (p50/p99 over jobs that fit);
+* pod failure -> every replacement pod created (p50/p99);
+* Kubernetes API requests per job (from the operator's own counter);
+* operator peak RSS (VmHWM).
+
+    python -m bench.operator.bench_operator [--jobs 100] [--failures 20] [--out FILE]
+
+Each job is a tiny-model job pinned to one pool with ``maxNodes: 16`` so that its
+plan uses exactly 16 whole nodes; jobs are spread over the pools in proportion to
+their size. Jobs that do not fit (16 whole nodes each) wait Pending and are
+reported, not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from kubernetes.client import CoreV1Api, CustomObjectsApi
+from kubernetes.client.exceptions import ApiException
+from tests.cluster.controlplane import ControlPlane, ensure_built, free_port
+from tests.cluster.topology import apply_topology, load_topology
+
+REPO = Path(__file__).resolve().parents[2]
+CATALOG = REPO / "examples" / "catalogs" / "reference-5-grades.yaml"
+NAMESPACE = "bench"
+PODS_PER_JOB = 16
+TARGETS = {"created_p99_s": 5.0, "replacement_p99_s": 3.0, "rss_mib": 250.0}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def job(name: str, pool: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "hetmoe.io/v1alpha1", "kind": "MoEJob", "metadata": {"name": name},
+        "spec": {
+            "model": {"preset": "tiny"},
+            "training": {"steps": 100, "globalBatchSize": 128, "sequenceLength": 2048},
+            "pools": [{"name": pool, "minNodes": PODS_PER_JOB, "maxNodes": PODS_PER_JOB}],
+            "elastic": {"maxRestarts": 5, "backoffSeconds": 0, "maxBackoffSeconds": 0},
+            "checkpoint": {"volume": {"emptyDir": True}},
+        },
+    }
+
+
+class PodTracker:
+    """Polls the bench namespace's pods and records, per (job, generation), when all
+    pods existed and when all were Running."""
+
+    def __init__(self, core: CoreV1Api) -> None:
+        self.core = core
+        self.created: dict[tuple[str, str], float] = {}
+        self.running: dict[tuple[str, str], float] = {}
+        self.stop = threading.Event()
+
+    def poll(self) -> None:
+        while not self.stop.is_set():
+            response = self.core.list_namespaced_pod(NAMESPACE, _preload_content=False)
+            now = time.monotonic()
+            counts: dict[tuple[str, str], list[int]] = {}
+            for pod in json.loads(response.data)["items"]:
+                labels = pod["metadata"].get("labels") or {}
+                key = (labels.get("hetmoe.io/job", ""), labels.get("hetmoe.io/generation", ""))
+                entry = counts.setdefault(key, [0, 0])
+                entry[0] += 1
+                entry[1] += (pod.get("status") or {}).get("phase") == "Running"
+            for key, (total, running) in counts.items():
+                if total >= PODS_PER_JOB:
+                    self.created.setdefault(key, now)
+                if running >= PODS_PER_JOB:
+                    self.running.setdefault(key, now)
+            time.sleep(0.1)
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def api_requests(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
+                                  timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("hetmoe_api_requests_total{"))
+
+
+def fail_pod(core: CoreV1Api, name: str) -> None:
+    """Mark a worker Failed with exit code 1 through the status subresource (what a
+    kubelet reports when the trainer crashes)."""
+    core.patch_namespaced_pod_status(name, NAMESPACE, {"status": {
+        "phase": "Failed",
+        "containerStatuses": [{"name": "trainer", "image": "x", "imageID": "", "ready": False,
+                               "restartCount": 0,
+                               "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}],
+    }})
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    topology = load_topology("reference-5-grades")
+    with ControlPlane(bin_dir=ensure_built(), startup_timeout=180) as plane:
+        client = plane.api_client()
+        client.configuration.connection_pool_maxsize = 32
+        apply_topology(client, topology)
+        plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "moejob.yaml"))
+        plane.kubectl("wait", "--for=condition=Established", "--timeout=180s",
+                      "crd/moejobs.hetmoe.io")
+        plane.kubectl("create", "namespace", NAMESPACE)
+        core, custom = CoreV1Api(client), CustomObjectsApi(client)
+        while True:
+            try:
+                core.read_namespaced_service_account("default", NAMESPACE)
+                break
+            except Exception:
+                time.sleep(0.2)
+        metrics_port = free_port()
+        log = open(args.log, "wb")  # noqa: SIM115 - kept open for the operator's lifetime
+        argv = [sys.executable, "-m", "hetmoe_operator.cli.operator_command",
+                "--catalog", str(CATALOG), "--metrics-port", str(metrics_port),
+                "--toleration", "hetmoe.io/grade-e"]
+        operator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
+                                    env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)})
+        try:
+            return measure(args, topology, core, custom, operator, metrics_port)
+        finally:
+            operator.terminate()
+            operator.wait(timeout=30)
+
+
+def measure(args: argparse.Namespace, topology: Any, core: CoreV1Api, custom: CustomObjectsApi,
+            operator: subprocess.Popen[bytes], metrics_port: int) -> dict[str, Any]:
+    deadline = time.monotonic() + 60
+    while True:  # operator start-up: node cache warm-up, then /metrics answers
+        try:
+            api_requests(metrics_port)
+            break
+        except OSError:
+            if operator.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+    pools = [p for p in topology.pools]
+    capacity = {p.name: p.nodes // PODS_PER_JOB for p in pools}
+    order = sorted(pools, key=lambda p: -p.nodes)
+    names = []
+    assigned: dict[str, int] = {}
+    for i in range(args.jobs):  # proportional: fill pools by free job slots, then overflow
+        free = [p for p in order if assigned.get(p.name, 0) < capacity[p.name]] or order
+        pool = max(free, key=lambda p: capacity[p.name] - assigned.get(p.name, 0))
+        assigned[pool.name] = assigned.get(pool.name, 0) + 1
+        names.append((f"bench-{i:03d}", pool.name))
+    tracker = PodTracker(core)
+    poller = threading.Thread(target=tracker.poll, daemon=True)
+    poller.start()
+    requests_before = api_requests(metrics_port)
+    applied: dict[str, float] = {}
+
+    def create(item: tuple[str, str]) -> None:
+        applied[item[0]] = time.monotonic()
+        custom.create_namespaced_custom_object("hetmoe.io", "v1alpha1", NAMESPACE, "moejobs",
+                                               job(*item))
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, names))
+    deadline = time.monotonic() + args.timeout
+    fits = sum(min(capacity[p], assigned.get(p, 0)) for p in capacity)
+    while time.monotonic() < deadline and sum(
+            (n, "1") in tracker.running for n, _ in names) < fits:
+        time.sleep(0.5)
+    created = [tracker.created[(n, "1")] - applied[n] for n, _ in names
+               if (n, "1") in tracker.created]
+    running = [tracker.running[(n, "1")] - applied[n] for n, _ in names
+               if (n, "1") in tracker.running]
+    if operator.poll() is not None:
+        raise RuntimeError(f"operator exited with {operator.returncode}; see {args.log}")
+    requests_launch = api_requests(metrics_port) - requests_before
+    victims: dict[str, str] = {}  # job -> generation that will replace the failed one
+    failed_at: dict[str, float] = {}
+    for name in [n for n, _ in names if (n, "1") in tracker.running]:
+        if len(victims) >= args.failures:
+            break
+        pods = json.loads(core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"hetmoe.io/job={name}", _preload_content=False).data)
+        alive = [p for p in pods["items"] if (p.get("status") or {}).get("phase") == "Running"
+                 and not p["metadata"].get("deletionTimestamp")]
+        if len(alive) < PODS_PER_JOB:
+            continue  # restarting for another reason (e.g. a node went NotReady)
+        generation = int(alive[0]["metadata"]["labels"]["hetmoe.io/generation"])
+        try:
+            failed_at[name] = time.monotonic()
+            fail_pod(core, alive[0]["metadata"]["name"])
+        except ApiException:
+            failed_at.pop(name)
+            continue
+        victims[name] = str(generation + 1)
+        time.sleep(args.failure_spacing)
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline and not all(
+            (n, g) in tracker.created for n, g in victims.items()):
+        time.sleep(0.2)
+    replacement = [tracker.created[(n, g)] - failed_at[n] for n, g in victims.items()
+                   if (n, g) in tracker.created]
+    tracker.stop.set()
+    total_requests = api_requests(metrics_port) - requests_before
+    result = {
+        "jobs": args.jobs, "pods_per_job": PODS_PER_JOB,
+        "nodes": topology.total_nodes, "jobs_that_fit": fits,
+        "jobs_all_created": len(created), "jobs_all_running": len(running),
+        "created_p50_s": percentile(created, 50), "created_p99_s": percentile(created, 99),
+        "running_p50_s": percentile(running, 50), "running_p99_s": percentile(running, 99),
+        "failures_injected": len(victims), "replacements_created": len(replacement),
+        "replacement_p50_s": percentile(replacement, 50),
+        "replacement_p99_s": percentile(replacement, 99),
+        "api_requests_per_job_launch": requests_launch / max(1, args.jobs),
+        "api_requests_total": total_requests,
+        "operator_peak_rss_mib": peak_rss_mib(operator.pid),
+        "targets": TARGETS,
+    }
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=100)
+    parser.add_argument("--failures", type=int, default=20)
+    parser.add_argument("--failure-spacing", type=float, default=0.5,
+                        help="seconds between injected failures")
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--log", default="/tmp/hetmoe-bench-operator.log")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    # SIGTERM unwinds like Ctrl-C so the control plane and operator are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    result = run(args)
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

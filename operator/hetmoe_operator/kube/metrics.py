@@ -1,0 +1,48 @@
+"""Operator metrics (Prometheus): one registry per operator instance, no globals."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from hetmoe_operator.api.status import PHASES
+
+
+@dataclass
+class OperatorMetrics:
+    """Everything the dashboard shows about the operator itself."""
+
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.jobs = Gauge("hetmoe_jobs", "MoEJobs by phase", ["phase"], registry=r)
+        self.reconcile_seconds = Histogram(
+            "hetmoe_reconcile_duration_seconds", "Time of one reconcile pass", registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.planning_seconds = Histogram(
+            "hetmoe_planning_duration_seconds", "Time of one planner call", registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.restarts = Counter("hetmoe_restarts", "Restart generations by cause", ["cause"],
+                                registry=r)
+        self.api_requests = Counter("hetmoe_api_requests", "Kubernetes API requests",
+                                    ["verb", "resource"], registry=r)
+        self.api_errors = Counter("hetmoe_api_errors", "Failed Kubernetes API requests",
+                                  ["verb", "resource", "code"], registry=r)
+        self._phases: dict[tuple[str, str], str] = {}
+
+    def job_phase(self, namespace: str, name: str, phase: str | None) -> None:
+        """Record a job's phase (None when it is gone) and refresh the gauge."""
+        key = (namespace, name)
+        if phase is None:
+            self._phases.pop(key, None)
+        else:
+            self._phases[key] = phase
+        for each in PHASES:
+            self.jobs.labels(each).set(sum(1 for p in self._phases.values() if p == each))
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics on ``port`` (0 disables)."""
+        if port:
+            start_http_server(port, registry=self.registry)

@@ -1,0 +1,379 @@
+"""The reconcile decision: observed snapshot -> creates, status, deletes, events.
+
+Ordering contract with the executor (``kube.apply``): creates first, then the status
+patch, then deletes. That makes every crash point safe:
+
+* A generation is launched by creating its pods *before* the status records it.
+  If the operator dies in between, the next pass finds pods of a generation newer
+  than the status and adopts it (creates whatever is missing, same deterministic
+  names), so there is never a duplicate and never an orphan.
+* A failure is recorded in status (restart counted, cause, backoff) *before* the
+  survivors are deleted, so a restart is never counted twice or lost.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Literal
+
+from hetmoe_operator.api.catalog import DeviceCatalog
+from hetmoe_operator.api.job import MoEJobSpec
+from hetmoe_operator.api.operator_config import OperatorConfig
+from hetmoe_operator.api.status import TERMINAL_PHASES, FailureStatus, MoEJobStatus, Phase
+from hetmoe_operator.desired.children import plan_config_map, rendezvous_service
+from hetmoe_operator.desired.names import plan_config_map_name
+from hetmoe_operator.desired.worker import PodContext, worker_pods
+from hetmoe_operator.discovery import worker_tolerations
+from hetmoe_operator.plan import Plan
+from hetmoe_operator.reconcile import failures
+from hetmoe_operator.reconcile.conditions import condition, rfc3339, set_condition
+from hetmoe_operator.reconcile.observe import DiscoverFunction, Observation, PodObs, parse_time
+from hetmoe_operator.reconcile.planning import (
+    PlanFunction,
+    grades_column,
+    make_plan,
+    plan_fits,
+    plan_status,
+)
+
+DELETE_POLL_SECONDS = 1.0
+"""Re-check soon while old pods are terminating (pod events usually come first)."""
+REOPENABLE_REASONS = frozenset({"PlanInfeasible", "InvalidSpec"})
+"""Failed for these reasons, the job is reconsidered when its spec changes."""
+
+
+@dataclass(frozen=True)
+class Delete:
+    """Delete one pod; ``grace_seconds=0`` force-deletes it."""
+
+    name: str
+    grace_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to record on the job."""
+
+    type: Literal["Normal", "Warning"]
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do; ``creates`` are manifests (a ConfigMap is created or replaced)."""
+
+    creates: tuple[dict[str, Any], ...]
+    status: MoEJobStatus
+    deletes: tuple[Delete, ...]
+    events: tuple[Event, ...]
+    requeue_after: float | None
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Collaborators of a decision, injected so tests can use doubles."""
+
+    planner: PlanFunction
+    discover: DiscoverFunction
+    catalog: DeviceCatalog | None
+    config: OperatorConfig
+
+
+@dataclass
+class _Pass:
+    """Mutable scratch state of one decision (never outlives ``decide``)."""
+
+    obs: Observation
+    env: Environment
+    status: MoEJobStatus
+    creates: list[dict[str, Any]] = field(default_factory=list)
+    deletes: list[Delete] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
+    requeue_after: float | None = None
+
+    def update(self, **changes: Any) -> None:
+        self.status = self.status.model_copy(update=changes)
+
+    def cond(self, type_: str, value: Literal["True", "False", "Unknown"], reason: str,
+             message: str) -> None:
+        self.update(conditions=set_condition(
+            self.status.conditions, type_, value, reason, message,
+            observed_generation=self.obs.metadata_generation, now=self.obs.now))
+
+    def phase(self, phase: Phase, reason: str, message: str, *, warning: bool = False) -> None:
+        """Move to ``phase``, recording an event when it is a transition."""
+        if self.status.phase != phase:
+            self.events.append(Event("Warning" if warning else "Normal", reason,
+                                     f"{self.status.phase} -> {phase}: {message}"))
+            if phase in TERMINAL_PHASES:
+                self.update(completion_time=rfc3339(self.obs.now))
+        self.update(phase=phase)
+
+    def requeue(self, seconds: float) -> None:
+        self.requeue_after = seconds if self.requeue_after is None else min(
+            self.requeue_after, seconds)
+
+    def stop(self, pods: Sequence[PodObs]) -> None:
+        """Delete pods; pods that would never terminate on their own are forced."""
+        for pod in pods:
+            force = failures.needs_force_delete(pod, self.obs.nodes, self.obs.now)
+            if force:
+                self.deletes.append(Delete(pod.name, 0))
+            elif not pod.deleting:
+                self.deletes.append(Delete(pod.name))
+        if pods:
+            self.requeue(DELETE_POLL_SECONDS)
+
+    def decision(self) -> Decision:
+        status = self.status.model_copy(update={"observed_generation":
+                                                self.obs.metadata_generation})
+        return Decision(tuple(self.creates), status, tuple(self.deletes), tuple(self.events),
+                        self.requeue_after)
+
+
+def decide(obs: Observation, env: Environment) -> Decision:
+    """The whole reconcile decision for one job."""
+    run = _Pass(obs, env, obs.status)
+    _merge_progress(run)
+    if obs.spec is None:
+        run.cond("Failed", "True", "InvalidSpec", obs.spec_error)
+        run.phase("Failed", "InvalidSpec", obs.spec_error, warning=True)
+        run.stop(_live(obs.pods))
+        return run.decision()
+    spec = obs.spec
+    if run.status.phase in TERMINAL_PHASES:
+        failed = condition(run.status.conditions, "Failed")
+        reopen = (run.status.phase == "Failed" and failed is not None
+                  and failed.reason in REOPENABLE_REASONS
+                  and obs.metadata_generation != run.status.observed_generation)
+        if not reopen:
+            if run.status.phase == "Failed":
+                run.stop(_live(obs.pods))
+            return run.decision()
+        run.cond("Failed", "False", "Resumed", "the spec changed; planning again")
+        run.phase("Pending", "Resumed", "the spec changed; planning again")
+    if spec.suspend:
+        _suspend(run)
+        return run.decision()
+    if run.status.phase == "Suspended":
+        run.cond("Suspended", "False", "Resumed", "spec.suspend is false")
+        run.phase("Pending", "Resumed", "resuming from the latest checkpoint")
+        run.update(restart_after=None)
+    newest = max((p.generation for p in obs.pods), default=0)
+    if newest > run.status.generation and obs.plan is not None:
+        _launch(run, spec, obs.plan, obs.plan_generation, newest)  # adopt a half-done launch
+        return run.decision()
+    if _generation_active(run):
+        _watch_generation(run, spec)
+        return run.decision()
+    _start_next_generation(run, spec)
+    return run.decision()
+
+
+def _live(pods: Sequence[PodObs]) -> list[PodObs]:
+    """Pods still running or waiting; finished ones are kept for their logs."""
+    return [p for p in pods if p.phase not in ("Succeeded", "Failed")]
+
+
+def _merge_progress(run: _Pass) -> None:
+    if run.obs.progress is not None:
+        run.update(progress=run.obs.progress)
+    if run.obs.checkpoint_step is not None:
+        run.update(last_checkpoint_step=run.obs.checkpoint_step)
+
+
+def _suspend(run: _Pass) -> None:
+    run.cond("Suspended", "True", "SuspendedByUser", "spec.suspend is true; checkpoints are kept")
+    run.cond("Ready", "False", "SuspendedByUser", "workers stopped")
+    run.phase("Suspended", "SuspendedByUser", "workers stopped; checkpoints kept")
+    run.stop(list(run.obs.pods))
+
+
+def _generation_active(run: _Pass) -> bool:
+    """Whether the recorded generation is launched and its failure not yet handled."""
+    status = run.status
+    if status.generation == 0 or status.phase in ("Pending", "Suspended"):
+        return False
+    failure = status.last_failure
+    return failure is None or failure.generation < status.generation
+
+
+def _expected_pod_names(run: _Pass, spec: MoEJobSpec) -> list[str]:
+    plan = run.obs.plan
+    if plan is None or run.obs.plan_generation != run.status.plan_generation:
+        return []
+    return [p["metadata"]["name"] for p in worker_pods(plan, _pod_context(run, spec, plan))]
+
+
+def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
+    """A launched generation: detect failures, success, or all-Running."""
+    status, obs = run.status, run.obs
+    current = [p for p in obs.pods if p.generation == status.generation]
+    run.stop([p for p in obs.pods if p.generation < status.generation])
+    expected = _expected_pod_names(run, spec)
+    found = failures.detect(current, expected, obs.nodes)
+    if found:
+        _handle_failure(run, spec, found[0], current)
+        return
+    if current and all(p.phase == "Succeeded" for p in current) and len(current) >= len(expected):
+        run.cond("Complete", "True", "Succeeded", "every worker exited 0")
+        run.cond("Ready", "False", "Succeeded", "workers finished")
+        run.phase("Succeeded", "Succeeded", "every worker exited 0")
+        return
+    running = sum(p.phase in ("Running", "Succeeded") for p in current)
+    total = max(len(expected), len(current))
+    if running == total and total:
+        run.cond("Ready", "True", "WorkersRunning", f"{running}/{total} workers running")
+        run.cond("Restarting", "False", "WorkersRunning", "generation running")
+        run.phase("Running", "WorkersRunning", f"generation {status.generation}: {total} "
+                  "workers running")
+        return
+    scheduled = sum(bool(p.node) for p in current)
+    run.cond("Ready", "False", "WorkersCreating",
+             f"{running}/{total} workers running, {scheduled}/{total} scheduled")
+    run.requeue(run.env.config.resync_seconds)
+
+
+def _handle_failure(run: _Pass, spec: MoEJobSpec, failure: failures.Failure,
+                    current: Sequence[PodObs]) -> None:
+    status, now = run.status, run.obs.now
+    verdict = failures.classify(failure, spec.elastic.failure_rules)
+    text = failures.describe(failure)
+    record = FailureStatus(
+        cause=verdict.cause, pod=failure.pod, node=failure.node, exit_code=failure.exit_code,
+        reason=failure.reason, message=failure.message[:4096], action=verdict.action,
+        counted=verdict.counted, generation=status.generation, time=rfc3339(now),
+    )
+    run.update(last_failure=record)
+    run.cond("Ready", "False", verdict.cause, text)
+    if verdict.action == "fail":
+        _fail(run, verdict.cause, f"{text}; failure action is fail")
+        run.stop(_live(current))
+        return
+    if verdict.counted and status.restarts >= spec.elastic.max_restarts:
+        _fail(run, "MaxRestartsExceeded",
+              f"{text}; {status.restarts} restart(s) already used of "
+              f"elastic.maxRestarts={spec.elastic.max_restarts}")
+        run.stop(_live(current))
+        return
+    previous = status.restarts + status.uncounted_restarts
+    delay = failures.backoff_seconds(spec.elastic.backoff_seconds,
+                                     spec.elastic.max_backoff_seconds, previous)
+    excluded = list(status.excluded_nodes)
+    if verdict.action == "replace-node" and failure.node and failure.node not in excluded:
+        excluded.append(failure.node)
+    run.update(
+        restarts=status.restarts + int(verdict.counted),
+        uncounted_restarts=status.uncounted_restarts + int(not verdict.counted),
+        restart_after=rfc3339(now + timedelta(seconds=delay)),
+        excluded_nodes=excluded[-1024:],
+    )
+    run.cond("Restarting", "True", verdict.cause,
+             f"{text}; restarting from the latest checkpoint in {delay:.0f}s")
+    run.phase("Restarting", verdict.cause, f"{text}; backoff {delay:.0f}s", warning=True)
+    run.stop(current)
+    run.requeue(delay)
+
+
+def _fail(run: _Pass, reason: str, message: str) -> None:
+    run.cond("Failed", "True", reason, message)
+    run.cond("Restarting", "False", reason, message)
+    run.phase("Failed", reason, message, warning=True)
+
+
+def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
+    """Nothing running: wait for old pods and backoff, then keep or make a plan, launch."""
+    obs = run.obs
+    leftovers = [p for p in obs.pods if p.generation <= run.status.generation]
+    if leftovers:
+        run.stop(leftovers)
+        return
+    if run.status.restart_after:
+        after = parse_time(run.status.restart_after)
+        wait = (after - obs.now).total_seconds() if after else 0.0
+        if wait > 0:
+            run.cond("Restarting", "True", "Backoff", f"next generation in {wait:.0f}s")
+            run.requeue(wait)
+            return
+    if run.env.catalog is None:
+        _wait(run, "CatalogUnavailable", "the device catalog could not be read")
+        return
+    discovery = run.env.discover(run.status.excluded_nodes)
+    if discovery is None:
+        _wait(run, "CatalogUnavailable", "the device catalog could not be read")
+        return
+    plan, plan_generation = obs.plan, obs.plan_generation
+    reused = (plan is not None and not spec.elastic.scale_up
+              and plan_generation == run.status.plan_generation and plan_fits(plan, discovery))
+    if not reused:
+        outcome = make_plan(spec, obs.job.name, discovery, run.env.catalog, run.env.planner)
+        if outcome.plan is None:
+            run.cond("Planned", "False", outcome.reason, outcome.message)
+            if outcome.transient:
+                _wait(run, outcome.reason, outcome.message)
+            else:
+                _fail(run, outcome.reason, outcome.message)
+            return
+        plan, plan_generation = outcome.plan, run.status.plan_generation + 1
+        run.creates.append(plan_config_map(obs.job, plan, plan_generation))
+    assert plan is not None
+    if run.status.generation > 0:
+        reason = "PlanKept" if reused else "Replanned"
+        run.events.append(Event("Normal", reason, f"plan generation {plan_generation}: "
+                                f"{grades_column(plan)}, {plan.world_size} ranks"))
+    _launch(run, spec, plan, plan_generation, run.status.generation + 1, planned=not reused)
+
+
+def _wait(run: _Pass, reason: str, message: str) -> None:
+    phase: Phase = "Restarting" if run.status.phase == "Restarting" else "Pending"
+    run.cond("Ready", "False", reason, message)
+    run.phase(phase, reason, message, warning=True)
+    run.requeue(run.env.config.resync_seconds)
+
+
+def _launch(run: _Pass, spec: MoEJobSpec, plan: Plan, plan_generation: int, generation: int,
+            *, planned: bool = False) -> None:
+    """Create (the missing) pods of ``generation`` and record it in status."""
+    obs = run.obs
+    run.update(plan_generation=plan_generation)
+    existing = {p.name for p in obs.pods}
+    run.creates.append(rendezvous_service(obs.job, run.env.config.worker_ports))
+    pods = worker_pods(plan, _pod_context(run, spec, plan, generation))
+    run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
+    run.stop([p for p in obs.pods if p.generation < generation])
+    name = plan_config_map_name(obs.job.name)
+    summary = f"{grades_column(plan)}: {plan.world_size} ranks on {len(pods)} nodes"
+    if planned:
+        run.cond("Planned", "True", "PlanReady", f"plan generation {plan_generation}: {summary}")
+    elif condition(run.status.conditions, "Planned") is None:
+        run.cond("Planned", "True", "PlanKept", f"plan generation {plan_generation}: {summary}")
+    run.cond("Ready", "False", "WorkersCreating", f"generation {generation}: creating "
+             f"{len(pods)} worker pods")
+    run.update(generation=generation, plan=plan_status(plan, name),
+               grades=grades_column(plan), restart_after=None,
+               start_time=run.status.start_time or rfc3339(obs.now))
+    if run.status.phase != "Restarting":
+        run.phase("Planning", "PlanReady", f"generation {generation}: {summary}")
+    run.requeue(run.env.config.resync_seconds)
+
+
+def _pod_context(run: _Pass, spec: MoEJobSpec, plan: Plan,
+                 generation: int | None = None) -> PodContext:
+    catalog, config = run.env.catalog, run.env.config
+    resource_names = {g.name: g.resource_name for g in catalog.grades} if catalog else {}
+    for rank in plan.ranks:
+        resource_names.setdefault(rank.grade, "nvidia.com/gpu")
+    resource = next(iter(resource_names.values()), "nvidia.com/gpu")
+    return PodContext(
+        job=run.obs.job, spec=spec,
+        generation=run.status.generation if generation is None else generation,
+        plan_generation=run.status.plan_generation, ports=config.worker_ports,
+        resource_names=resource_names, pool_label=config.pool_label,
+        tolerations=worker_tolerations(resource, config),
+        excluded_nodes=tuple(run.status.excluded_nodes),
+    )
+
+

@@ -1,0 +1,114 @@
+"""Detecting worker failures and deciding what each one means.
+
+User failure rules are evaluated first (first match wins), then the built-in
+defaults that encode the trainer's exit-code contract (``plan.WorkerExit``):
+78 config error -> fail, 87 rollback exhausted -> fail, 86 replace node ->
+re-plan without the node; a lost node restarts without using up a restart (the
+job did nothing wrong); anything else restarts and counts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from hetmoe_operator.api.job import FailureAction, FailureRule
+from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.reconcile.observe import PodObs
+
+NODE_LOST = "NodeLost"
+STUCK_TERMINATING_SECONDS = 30.0
+"""A pod still present this long after its deletion deadline is force-deleted."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One observed failure of the current generation."""
+
+    pod: str
+    node: str
+    exit_code: int | None
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What to do about a failure."""
+
+    action: FailureAction
+    counted: bool
+    cause: str
+    """Catalogue reason (``hetmoe_operator.api.reasons``)."""
+
+
+def detect(pods: Sequence[PodObs], expected: Sequence[str], nodes: Mapping[str, bool]
+           ) -> list[Failure]:
+    """Failures among the current generation's pods, most specific first.
+
+    A failed container (with its exit code) beats a lost node, which beats a pod that
+    vanished or is being deleted by someone else.
+    """
+    by_name = {p.name: p for p in pods}
+    exits, lost, gone = [], [], []
+    for pod in pods:
+        if pod.phase == "Failed":
+            exits.append(Failure(pod.name, pod.node, pod.exit_code, pod.reason or "Error",
+                                 pod.message))
+        elif pod.node and pod.phase != "Succeeded" and not nodes.get(pod.node, False):
+            state = "was deleted" if pod.node not in nodes else "is NotReady"
+            lost.append(Failure(pod.name, pod.node, None, NODE_LOST,
+                                f"node {pod.node} {state}"))
+        elif pod.deleting and pod.phase != "Succeeded":
+            gone.append(Failure(pod.name, pod.node, None, "Deleted",
+                                "the pod was deleted while running"))
+    for name in expected:
+        if name not in by_name:
+            gone.append(Failure(name, "", None, "Deleted", "the pod disappeared"))
+    return exits + lost + gone
+
+
+def classify(failure: Failure, rules: Sequence[FailureRule]) -> Verdict:
+    """Apply the job's failure rules, then the defaults (module docstring)."""
+    for rule in rules:
+        if (failure.exit_code is not None and failure.exit_code in rule.exit_codes) or (
+            failure.reason in rule.reasons
+        ):
+            cause = {"fail": "FailureRuleFail", "replace-node": "ReplaceNode"}.get(
+                rule.action, NODE_LOST if failure.reason == NODE_LOST else "WorkerFailed"
+            )
+            return Verdict(rule.action, rule.count_towards_max_restarts, cause)
+    if failure.exit_code == WorkerExit.CONFIG_ERROR:
+        return Verdict("fail", True, "ConfigError")
+    if failure.exit_code == WorkerExit.ROLLBACK_EXHAUSTED:
+        return Verdict("fail", True, "RollbackExhausted")
+    if failure.exit_code == WorkerExit.REPLACE_NODE:
+        return Verdict("replace-node", True, "ReplaceNode")
+    if failure.reason == NODE_LOST:
+        return Verdict("restart", False, NODE_LOST)
+    return Verdict("restart", True, "WorkerFailed")
+
+
+def describe(failure: Failure) -> str:
+    """One sentence for conditions and events."""
+    where = f" on node {failure.node}" if failure.node else ""
+    code = f" exited with code {failure.exit_code}" if failure.exit_code is not None else ""
+    detail = f": {failure.message}" if failure.message else ""
+    return f"pod {failure.pod}{where}{code} ({failure.reason}){detail}"
+
+
+def backoff_seconds(base: float, cap: float, previous_restarts: int) -> float:
+    """base x 2^previous_restarts, capped (exponent bounded so it cannot overflow)."""
+    return float(min(cap, base * (2 ** min(previous_restarts, 32))))
+
+
+def needs_force_delete(pod: PodObs, nodes: Mapping[str, bool], now: datetime) -> bool:
+    """A pod that will never terminate on its own: its node is gone or NotReady, or it
+    is stuck well past its deletion deadline. Grace 0 removes it from the API so it
+    never blocks the next generation."""
+    if pod.node and not nodes.get(pod.node, False):
+        return True
+    return pod.deletion_deadline is not None and now > pod.deletion_deadline + timedelta(
+        seconds=STUCK_TERMINATING_SECONDS
+    )

@@ -1,0 +1,276 @@
+"""Reconcile decisions driven through an in-memory world with a fake planner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hetmoe_operator.api.reasons import is_known
+from hetmoe_operator.placement.errors import PlanningError
+from tests.operator.fakes import World, small_nodes, spec
+
+
+def running_world(**spec_overrides: Any) -> World:
+    world = World(spec(**spec_overrides), small_nodes())
+    world.settle(3)
+    assert world.status.phase == "Running", world.status
+    return world
+
+
+def test_fresh_job_creates_plan_service_and_one_pod_per_node() -> None:
+    world = World(spec(), small_nodes())
+    decision = world.reconcile()
+    kinds = [m["kind"] for m in decision.creates]
+    assert kinds == ["ConfigMap", "Service", "Pod", "Pod"]
+    assert world.status.phase == "Planning"
+    assert world.status.generation == 1 and world.status.plan_generation == 1
+    assert world.status.grades == "A:1,D:1"
+    assert world.status.plan is not None and world.status.plan.world_size == 4
+    assert sorted(world.pods) == ["job-g1-pool-a-0", "job-g1-pool-d-0"]
+
+
+def test_all_pods_running_means_running_and_ready() -> None:
+    world = running_world()
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason) == ("True", "WorkersRunning")
+    assert ready.observed_generation == 1
+    assert world.pod_creates == 2
+
+
+def test_pod_failure_restarts_with_cause_backoff_and_kept_plan() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    world.reconcile()
+    status = world.status
+    assert status.phase == "Restarting" and status.restarts == 1
+    assert status.last_failure is not None
+    assert (status.last_failure.pod, status.last_failure.node, status.last_failure.exit_code) == (
+        "job-g1-pool-a-0", "a0", 1)
+    assert status.last_failure.cause == "WorkerFailed"
+    world.settle(4)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert world.status.plan_generation == 1  # capacity allowed keeping the plan
+    assert sorted(world.pods) == ["job-g2-pool-a-0", "job-g2-pool-d-0"]
+    assert any(e.reason == "PlanKept" for e in world.events)
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    from hetmoe_operator.reconcile.failures import backoff_seconds
+
+    assert [backoff_seconds(1, 4, n) for n in range(5)] == [1, 2, 4, 4, 4]
+    assert backoff_seconds(10, 300, 10_000) == 300
+
+
+def test_exceeding_max_restarts_fails_with_the_cause() -> None:
+    world = running_world()
+    for _ in range(3):
+        generation = world.status.generation
+        name = f"job-g{generation}-pool-d-0"
+        world.fail_pod(name, exit_code=3)
+        world.settle(4)
+    assert world.status.phase == "Failed"
+    failed = next(c for c in world.status.conditions if c.type == "Failed")
+    assert failed.reason == "MaxRestartsExceeded"
+    assert "exited with code 3" in failed.message and "maxRestarts=2" in failed.message
+    assert world.status.restarts == 2
+    assert not any(p["status"]["phase"] == "Running" for p in world.pods.values())
+
+
+def test_config_error_exit_fails_without_restart() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=78)
+    world.reconcile()
+    assert world.status.phase == "Failed"
+    assert world.status.last_failure is not None
+    assert world.status.last_failure.cause == "ConfigError"
+    assert [d.name for d in world.last_decision.deletes] == ["job-g1-pool-d-0"]
+
+
+def test_replace_node_excludes_the_node_from_the_next_generation() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=86)
+    world.settle(4)
+    assert world.status.excluded_nodes == ["a0"]
+    assert world.status.phase == "Running"
+    assert world.pods["job-g2-pool-a-0"]["spec"]["nodeName"] == "a1"
+
+
+def test_failure_rule_can_make_a_failure_free() -> None:
+    world = running_world(elastic={
+        "maxRestarts": 0, "backoffSeconds": 0,
+        "failureRules": [{"name": "oom", "reasons": ["OOMKilled"], "action": "restart",
+                          "countTowardsMaxRestarts": False}]})
+    world.fail_pod("job-g1-pool-a-0", exit_code=137, reason="OOMKilled")
+    world.settle(3)
+    assert world.status.phase == "Running"
+    assert (world.status.restarts, world.status.uncounted_restarts) == (0, 1)
+
+
+def test_node_loss_force_deletes_stuck_pods_and_replans_on_the_rest() -> None:
+    world = running_world()
+    del world.nodes["d0"]
+    del world.nodes["d1"]
+    decision = world.reconcile()
+    assert world.status.last_failure is not None
+    assert world.status.last_failure.cause == "NodeLost" and world.status.restarts == 0
+    forced = [d for d in decision.deletes if d.grace_seconds == 0]
+    assert [d.name for d in forced] == ["job-g1-pool-d-0"]
+    world.settle(4)
+    assert world.status.phase == "Running"
+    assert world.status.plan_generation == 2 and world.status.grades == "A:1"
+    assert any(e.reason == "Replanned" for e in world.events)
+
+
+def test_not_ready_node_is_a_node_loss() -> None:
+    world = running_world()
+    world.nodes["a0"]["status"]["conditions"][0]["status"] = "False"
+    world.reconcile()
+    assert world.status.phase == "Restarting"
+    assert world.status.last_failure is not None
+    assert "NotReady" in world.status.last_failure.message
+
+
+def test_suspend_stops_pods_and_resume_starts_a_new_generation() -> None:
+    world = running_world()
+    world.spec = spec(suspend=True)
+    world.metadata_generation = 2
+    world.settle(2)
+    assert world.status.phase == "Suspended" and world.pods == {}
+    world.spec = spec(suspend=False)
+    world.metadata_generation = 3
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert world.status.restarts == 0
+
+
+def test_success_when_every_worker_exits_zero() -> None:
+    world = running_world()
+    world.succeed_all()
+    world.reconcile()
+    assert world.status.phase == "Succeeded" and world.status.completion_time
+    world.reconcile()
+    assert world.status.phase == "Succeeded"
+
+
+def test_transient_planning_error_waits_pending_with_the_planner_message() -> None:
+    def planner(*args: Any, **kwargs: Any) -> Any:
+        raise PlanningError("memory", "ling-plus needs about 9.1 TiB; eligible pools offer 1 TiB")
+
+    world = World(spec(), small_nodes(), planner=planner)
+    decision = world.reconcile()
+    assert world.status.phase == "Pending"
+    planned = next(c for c in world.status.conditions if c.type == "Planned")
+    assert planned.reason == "WaitingForCapacity" and "9.1 TiB" in planned.message
+    assert decision.creates == () and decision.requeue_after == world.config.resync_seconds
+
+
+def test_permanent_planning_error_fails_until_the_spec_changes() -> None:
+    calls = []
+
+    def planner(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        raise PlanningError("divisibility", "num_experts 8 is not divisible by EP degree 3")
+
+    world = World(spec(), small_nodes(), planner=planner)
+    world.reconcile()
+    world.reconcile()
+    assert world.status.phase == "Failed" and len(calls) == 1
+    world.metadata_generation = 2
+    world.reconcile()
+    assert len(calls) == 2
+
+
+def test_no_usable_nodes_waits_with_a_summary() -> None:
+    world = World(spec(), [n for n in small_nodes() if n["metadata"]["name"] == "a0"])
+    world.nodes["a0"]["spec"]["unschedulable"] = True
+    world.reconcile()
+    assert world.status.phase == "Pending"
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert "cordoned" in ready.message
+
+
+def test_operator_killed_between_creates_and_status_adopts_without_duplicates() -> None:
+    world = World(spec(), small_nodes())
+    world.reconcile(drop_status=True)
+    assert len(world.pods) == 2 and world.status.generation == 0
+    world.reconcile()
+    assert world.status.generation == 1 and world.pod_creates == 2
+    assert sorted(world.pods) == ["job-g1-pool-a-0", "job-g1-pool-d-0"]
+
+
+def test_operator_killed_after_failure_status_deletes_survivors_once() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0")
+    world.reconcile()
+    world.reconcile()
+    assert world.status.restarts == 1
+
+
+EVENTS = st.lists(
+    st.one_of(
+        st.tuples(st.just("fail"), st.sampled_from([1, 2, 78, 86, 87, 137])),
+        st.tuples(st.just("node-down"), st.sampled_from(["a0", "a1", "d0", "d1"])),
+        st.tuples(st.just("node-up"), st.sampled_from(["a0", "a1", "d0", "d1"])),
+        st.tuples(st.just("crash"), st.none()),
+        st.tuples(st.just("suspend"), st.booleans()),
+        st.tuples(st.just("succeed"), st.none()),
+        st.tuples(st.just("tick"), st.none()),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(EVENTS)
+def test_random_histories_keep_the_invariants(events: list[tuple[str, Any]]) -> None:
+    from tests.operator.fakes import node
+
+    world = World(spec(elastic={"maxRestarts": 3, "backoffSeconds": 1}), small_nodes())
+    spare = {n: node(n, "pool-" + n[0], n[0].upper()) for n in ["a0", "a1", "d0", "d1"]}
+    suspended = False
+    for kind, arg in events:
+        if kind == "fail":
+            running = sorted(n for n, p in world.pods.items() if p["status"]["phase"] == "Running")
+            if running:
+                world.fail_pod(running[0], exit_code=arg)
+        elif kind == "node-down":
+            world.nodes.pop(arg, None)
+        elif kind == "node-up":
+            world.nodes[arg] = spare[arg]
+        elif kind == "suspend" and arg != suspended:
+            suspended = arg
+            world.spec = spec(elastic={"maxRestarts": 3, "backoffSeconds": 1}, suspend=arg)
+            world.metadata_generation += 1
+        elif kind == "succeed":
+            world.succeed_all()
+        world.reconcile(drop_status=kind == "crash")
+        world.kwok()
+        world.advance(3)
+        status = world.status
+        assert status.restarts <= 3
+        assert all(is_known(c.reason) for c in status.conditions)
+        assert len({c.type for c in status.conditions}) == len(status.conditions)
+        live = [p for p in world.pods.values() if "deletionTimestamp" not in p["metadata"]
+                and p["status"]["phase"] in ("Pending", "Running")]
+        generations = {p["metadata"]["labels"]["hetmoe.io/generation"] for p in live}
+        if kind != "crash":
+            assert len(generations) <= 1, generations
+            if status.phase in ("Failed", "Suspended"):
+                assert not live or (status.phase == "Failed" and all(
+                    not world.nodes.get(p["spec"].get("nodeName", ""), True) for p in live))
+        if live and kind != "crash":
+            assert max(int(g) for g in generations) <= status.generation
+        if status.phase == "Running":
+            assert status.plan is not None and status.grades
+
+
+@pytest.mark.parametrize("exit_code,cause", [(78, "ConfigError"), (87, "RollbackExhausted"),
+                                             (86, "ReplaceNode"), (1, "WorkerFailed")])
+def test_default_exit_code_contract(exit_code: int, cause: str) -> None:
+    from hetmoe_operator.reconcile.failures import Failure, classify
+
+    verdict = classify(Failure("p", "n", exit_code, "Error", ""), [])
+    assert verdict.cause == cause
