@@ -1,0 +1,137 @@
+"""Async checkpoint blocking time vs a synchronous save of the same state.
+
+One process, a model of about ``--hidden``/``--layers`` size with its AdamW state
+(after one real step, so the optimizer moments exist). For each repeat the trainer
+saves once synchronously and once asynchronously. The blocking time is what the
+training loop loses: the time of ``save()`` plus the extra time of the following
+training step over a step without a save (for async, the optimizer step waits for
+the background staging copy if it is still running; the disk write never blocks).
+Medians are reported.
+
+    python bench/trainer/bench_checkpoint.py [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hetmoe_operator.api.model import ModelArchitecture
+from hetmoe_operator.api.training import TrainingConfig
+from hetmoe_operator.plan import ParallelDegrees, Plan, RankPlan, ReplicaPlan, StagePlan
+from hetmoe_trainer.checkpoint import Checkpointer
+from hetmoe_trainer.distributed import build_context, pick_device
+from hetmoe_trainer.loop import Trainer, TrainerOptions
+
+
+def make_trainer(workdir: Path, hidden: int, layers: int) -> Trainer:
+    """A single-process trainer of a mid-size MoE (a few hundred MB of state)."""
+    arch = ModelArchitecture(
+        num_hidden_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_experts=16,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=hidden,
+        vocab_size=8192,
+        max_position_embeddings=512,
+    )
+    plan = Plan(
+        model=arch,
+        training=TrainingConfig(steps=100, global_batch_size=1, sequence_length=32),
+        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
+        stages=[
+            StagePlan(index=0, layer_start=0, layer_end=layers, has_embedding=True, has_head=True)
+        ],
+        replicas=[
+            ReplicaPlan(dp_index=0, samples_per_step=1, microbatch_size=1, num_microbatches=1)
+        ],
+        ranks=[
+            RankPlan(
+                rank=0,
+                pool="local",
+                grade="cpu",
+                node_slot=0,
+                local_rank=0,
+                stage=0,
+                dp_index=0,
+                ep_group=0,
+                ep_rank=0,
+                experts=list(range(16)),
+            )
+        ],
+    )
+    options = TrainerOptions(checkpoint_dir=workdir, checkpoint_interval=10**9, peak_flops=1.0)
+    return Trainer(build_context(plan, 0, pick_device(0)), options)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    """Measure and print a table and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--hidden", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    sync_s, async_s, total_async_s = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = make_trainer(Path(tmp) / "run", args.hidden, args.layers)
+        trainer.train_step()
+        state_bytes = sum(
+            v.numel() * v.element_size()
+            for v in trainer.state().values()
+            if isinstance(v, torch.Tensor)
+        )
+        for repeat in range(args.repeats):
+            baseline = timed(trainer.train_step)
+            trainer.checkpointer = Checkpointer(
+                Path(tmp) / f"sync{repeat}", None, keep=1, use_async=False
+            )
+            sync_s.append(timed(lambda: trainer.save()) + timed(trainer.train_step) - baseline)
+            trainer.checkpointer = Checkpointer(
+                Path(tmp) / f"async{repeat}", None, keep=1, use_async=True
+            )
+            start = time.perf_counter()
+            # The loop's view: save, then the next step (whose optimizer step waits for
+            # the background staging copy if it has not finished yet).
+            async_s.append(timed(lambda: trainer.save()) + timed(trainer.train_step) - baseline)
+            trainer.checkpointer.wait()
+            total_async_s.append(time.perf_counter() - start)
+    dist.destroy_process_group()
+    result = {
+        "state_mib": state_bytes / 2**20,
+        "sync_save_s": statistics.median(sync_s),
+        "async_blocking_s": statistics.median(async_s),
+        "async_total_s": statistics.median(total_async_s),
+    }
+    result["blocking_fraction"] = result["async_blocking_s"] / result["sync_save_s"]
+    print(f"state {result['state_mib']:.0f} MiB")
+    print(f"{'mode':<20}{'seconds':>10}")
+    print(f"{'sync save':<20}{result['sync_save_s']:>10.3f}")
+    print(f"{'async (blocking)':<20}{result['async_blocking_s']:>10.3f}")
+    print(f"{'async (to durable)':<20}{result['async_total_s']:>10.3f}")
+    print(f"blocking fraction {result['blocking_fraction']:.1%} (target <= 10%)")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,185 @@
+"""Training throughput of the hetmoe trainer vs Hugging Face transformers' Qwen2-MoE.
+
+Same machine, same process, same minute, same dtype (fp32 on CPU), same thread count
+(pinned with ``torch.set_num_threads``), same layer sizes: hidden, layers, heads/kv
+heads, experts, top-k, expert width, one shared expert of the same width, vocabulary,
+sequence length and batch. Each side runs a full training step (forward, backward,
+AdamW); ours is ``Trainer.train_step`` (data, anomaly statistics and all). Runs are
+interleaved and the median of ``--repeats`` timed steps is reported, plus MFU against
+a square-matmul peak measured in the same run.
+
+    python bench/trainer/bench_throughput.py [--threads 2] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+from hetmoe_operator.api.model import ModelArchitecture
+from hetmoe_operator.api.training import LearningRateSchedule, TrainingConfig
+from hetmoe_operator.plan import ParallelDegrees, Plan, RankPlan, ReplicaPlan, StagePlan
+from hetmoe_trainer.distributed import build_context, pick_device
+from hetmoe_trainer.loop import Trainer, TrainerOptions
+from hetmoe_trainer.metrics import flops_per_token, measure_matmul_peak
+
+ARCH = ModelArchitecture(
+    num_hidden_layers=4,
+    hidden_size=256,
+    num_attention_heads=8,
+    num_key_value_heads=4,
+    num_experts=16,
+    num_shared_experts=1,
+    num_experts_per_tok=2,
+    moe_intermediate_size=256,
+    vocab_size=4096,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+)
+BATCH, SEQ = 4, 256
+
+
+def our_trainer(workdir: Path) -> Trainer:
+    """A single-process trainer for ARCH."""
+    training = TrainingConfig(
+        steps=10_000,
+        global_batch_size=BATCH,
+        sequence_length=SEQ,
+        lr=LearningRateSchedule(peak=1e-4, warmup_steps=1, decay="constant"),
+    )
+    plan = Plan(
+        model=ARCH,
+        training=training,
+        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
+        stages=[
+            StagePlan(
+                index=0,
+                layer_start=0,
+                layer_end=ARCH.num_hidden_layers,
+                has_embedding=True,
+                has_head=True,
+            )
+        ],
+        replicas=[
+            ReplicaPlan(
+                dp_index=0, samples_per_step=BATCH, microbatch_size=BATCH, num_microbatches=1
+            )
+        ],
+        ranks=[
+            RankPlan(
+                rank=0,
+                pool="local",
+                grade="cpu",
+                node_slot=0,
+                local_rank=0,
+                stage=0,
+                dp_index=0,
+                ep_group=0,
+                ep_rank=0,
+                experts=list(range(ARCH.num_experts)),
+            )
+        ],
+    )
+    options = TrainerOptions(checkpoint_dir=workdir, checkpoint_interval=10**9, peak_flops=1.0)
+    return Trainer(build_context(plan, 0, pick_device(0)), options)
+
+
+def hf_step_fn() -> Callable[[], None]:
+    """A Qwen2-MoE of the same sizes and its AdamW training step."""
+    config = Qwen2MoeConfig(
+        vocab_size=ARCH.vocab_size,
+        hidden_size=ARCH.hidden_size,
+        intermediate_size=ARCH.moe_intermediate_size,
+        num_hidden_layers=ARCH.num_hidden_layers,
+        num_attention_heads=ARCH.num_attention_heads,
+        num_key_value_heads=ARCH.num_key_value_heads,
+        max_position_embeddings=ARCH.max_position_embeddings,
+        moe_intermediate_size=ARCH.moe_intermediate_size,
+        shared_expert_intermediate_size=ARCH.moe_intermediate_size * ARCH.num_shared_experts,
+        num_experts=ARCH.num_experts,
+        num_experts_per_tok=ARCH.num_experts_per_tok,
+        norm_topk_prob=True,
+        qkv_bias=False,
+        output_router_logits=True,
+        router_aux_loss_coef=0.015,
+        use_cache=False,
+    )
+    model = Qwen2MoeForCausalLM(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8)
+    ids = torch.randint(0, ARCH.vocab_size, (BATCH, SEQ))
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(fn: Callable[[], object]) -> float:
+    """Seconds of one call."""
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    """Run the comparison and print a table and JSON."""
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = our_trainer(Path(tmp))
+        hf = hf_step_fn()
+        for _ in range(args.warmup):
+            ours.train_step()
+            hf()
+        ours_s, hf_s, peaks = [], [], []
+        for _ in range(args.repeats):
+            ours_s.append(timed(ours.train_step))
+            hf_s.append(timed(hf))
+            peaks.append(measure_matmul_peak(torch.device("cpu"), torch.float32))
+    dist.destroy_process_group()
+
+    tokens = BATCH * SEQ
+    flops = flops_per_token(ARCH, SEQ)
+    peak = statistics.median(peaks)
+    result = {
+        "threads": args.threads,
+        "tokens_per_step": tokens,
+        "matmul_peak_gflops": peak / 1e9,
+        "ours_tokens_per_s": tokens / statistics.median(ours_s),
+        "hf_qwen2moe_tokens_per_s": tokens / statistics.median(hf_s),
+    }
+    result["speedup"] = result["ours_tokens_per_s"] / result["hf_qwen2moe_tokens_per_s"]
+    result["ours_mfu"] = result["ours_tokens_per_s"] * flops / peak
+    result["hf_mfu"] = result["hf_qwen2moe_tokens_per_s"] * flops / peak
+    print(f"{'implementation':<24}{'tokens/s':>12}{'MFU':>8}")
+    print(f"{'hetmoe trainer':<24}{result['ours_tokens_per_s']:>12.0f}{result['ours_mfu']:>8.1%}")
+    print(
+        f"{'HF Qwen2-MoE':<24}{result['hf_qwen2moe_tokens_per_s']:>12.0f}{result['hf_mfu']:>8.1%}"
+    )
+    print(
+        f"speedup {result['speedup']:.2f}x (target >= 1.5x); matmul peak {peak / 1e9:.1f} GFLOP/s"
+    )
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""The metrics endpoint serves the documented metrics; progress is written and served."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import pytest
+from plan_factory import make_plan
+
+from conftest import free_port
+from hetmoe_trainer.distributed import build_context, pick_device
+from hetmoe_trainer.loop import Trainer, TrainerOptions
+from hetmoe_trainer.progress import ANOMALY_KINDS
+
+METRICS = (
+    "hetmoe_tokens_per_second",
+    'hetmoe_step_seconds{phase="forward"',
+    'hetmoe_step_seconds{phase="backward"',
+    'hetmoe_step_seconds{phase="grad_sync"',
+    'hetmoe_step_seconds{phase="optimizer"',
+    "hetmoe_loss",
+    "hetmoe_grad_norm",
+    "hetmoe_expert_load_max",
+    "hetmoe_expert_load_mean",
+    "hetmoe_checkpoint_blocking_seconds",
+    "hetmoe_restarts",
+    "hetmoe_straggler_score",
+    "hetmoe_mfu",
+    'hetmoe_anomalies{kind="skipped"',
+)
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read()
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_metrics_and_progress_endpoints(tmp_path: Path) -> None:
+    port = free_port()
+    plan = make_plan(steps=6, sequence_length=16, replicas=[(2, 2)])
+    trainer = Trainer(
+        build_context(plan, 0, pick_device(0)),
+        TrainerOptions(
+            checkpoint_dir=tmp_path,
+            checkpoint_interval=3,
+            metrics_port=port,
+            faults=(),
+            peak_flops=1e11,
+        ),
+    )
+    try:
+        for _ in range(4):
+            trainer.train_step()
+        text = _get(f"http://127.0.0.1:{port}/metrics").decode()
+        for name in METRICS:
+            assert name in text, name
+        served = json.loads(_get(f"http://127.0.0.1:{port}/progress"))
+        assert served["step"] == 4 and served["total_steps"] == 6
+        assert set(served["anomalies"]) == set(ANOMALY_KINDS)
+    finally:
+        # No thread may outlive the test: later tests fork this process.
+        trainer.checkpointer.wait()
+        assert trainer.server is not None
+        trainer.server.close()
+    written = json.loads((tmp_path / "progress.json").read_text())
+    for key in (
+        "state",
+        "step",
+        "total_steps",
+        "tokens",
+        "loss",
+        "tokens_per_s",
+        "eta_seconds",
+        "last_checkpoint_step",
+        "anomalies",
+        "stage_step_seconds",
+        "straggler",
+    ):
+        assert key in written, key
+    assert written["tokens"] == 4 * plan.training.tokens_per_step
+    assert written["stage_step_seconds"].keys() == {"0"}
+    assert written["loss"] > 0 and written["eta_seconds"] > 0

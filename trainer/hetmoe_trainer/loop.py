@@ -1,0 +1,476 @@
+"""The training loop: data -> pipeline forward/backward -> gradient sync -> judge -> update.
+
+One step, identical on every rank:
+
+1. take the step's global batch (the next ``global_batch_size`` stream samples, or a
+   set-aside batch due for re-injection) and keep this replica's contiguous slice;
+2. run the microbatches through the pipeline (:class:`StepRunner`);
+3. sum gradients over each parameter's holders (:class:`GradientSync`);
+4. one all-reduce over the world of ``[loss, grad-norm^2, non-finite flag,
+   per-rank ready time...]`` gives every rank the global loss, norm and step times;
+5. the anomaly detector decides (same inputs everywhere, so the same verdict):
+   apply (clip, AdamW), skip (optimizer untouched), apply with a lowered LR, or
+   roll back to the last checkpoint;
+6. metrics, ``progress.json``, the per-step log, and a checkpoint every
+   ``checkpoint_interval`` steps.
+
+Plan rank 0 appends one JSON line per step to ``<checkpoint dir>/train_log.jsonl``
+(``step`` is the number of steps completed; after a resume a step may appear twice,
+the last line wins).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from hetmoe_operator.plan import WorkerExit
+from hetmoe_trainer.anomaly import (
+    Action,
+    AnomalyDetector,
+    Fault,
+    FaultInjector,
+    StragglerMonitor,
+    Verdict,
+)
+from hetmoe_trainer.checkpoint import Checkpointer, training_state
+from hetmoe_trainer.data import SampleStream, batch_tensors, build_source, replica_slice
+from hetmoe_trainer.distributed import ParallelContext
+from hetmoe_trainer.gradsync import GradientSync
+from hetmoe_trainer.metrics import (
+    MetricsServer,
+    TrainerMetrics,
+    flops_per_token,
+    measure_matmul_peak,
+    metrics_route,
+)
+from hetmoe_trainer.model import build_stage
+from hetmoe_trainer.optim import build_optimizer, clip_gradients, set_learning_rate
+from hetmoe_trainer.pipeline import StepRunner
+from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter
+from hetmoe_trainer.schedule import learning_rate
+
+log = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.jsonl"
+PROGRESS = "progress.json"
+
+
+class TrainingExit(Exception):
+    """Ends training with a :class:`WorkerExit` code the operator acts on."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TrainerOptions:
+    """Worker settings that are not part of the plan (they come from the command line)."""
+
+    checkpoint_dir: Path
+    checkpoint_interval: int = 100
+    keep_checkpoints: int = 3
+    async_checkpoint: bool = True
+    metrics_port: int = 0
+    """0: no HTTP server; otherwise this exact port (the CLI adds LOCAL_RANK)."""
+    faults: tuple[Fault, ...] = ()
+    peak_flops: float = 0.0
+    """Per-device peak FLOP/s for MFU; 0 measures a matmul at start."""
+    max_rollbacks: int = 3
+    """Rollbacks to the same checkpoint before giving up (ROLLBACK_EXHAUSTED)."""
+    restart_count: int = 0
+    """torchrun's TORCHELASTIC_RESTART_COUNT."""
+
+
+def _finite_or_none(value: float) -> float | None:
+    return value if math.isfinite(value) else None
+
+
+@dataclass
+class StepTimes:
+    """Wall seconds of one step's phases on this rank."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        """Accumulate ``seconds`` into ``phase``."""
+        self.phases[phase] = self.phases.get(phase, 0.0) + seconds
+
+
+class Trainer:
+    """Trains one rank's share of the plan; ``run()`` returns a WorkerExit code."""
+
+    def __init__(self, context: ParallelContext, options: TrainerOptions) -> None:
+        plan, me = context.plan, context.me
+        training = plan.training
+        self.context = context
+        self.options = options
+        self.training = training
+        self.total_steps = training.total_steps
+        device = context.device.device
+        self.stage = build_stage(
+            plan.model,
+            plan.stages[me.stage],
+            training,
+            context.expert_parallel,
+            device=device,
+            dtype=torch.float32,
+        )
+        self.runner = StepRunner(self.stage, context)
+        self.sync = GradientSync(self.stage, context)
+        self.optimizer = build_optimizer(self.stage.named_parameters(), training.weight_decay)
+        self.source = build_source(
+            training.data, plan.model.vocab_size, training.sequence_length, training.seed
+        )
+        self.my_slice = replica_slice(list(plan.replicas), me.dp_index)
+        self.stream = SampleStream()
+        self.detector = AnomalyDetector(training.anomaly, training.seed)
+        self.stragglers = StragglerMonitor(
+            training.anomaly.straggler_factor, training.anomaly.straggler_patience
+        )
+        self.faults = FaultInjector(list(options.faults), me.rank, options.restart_count)
+        options.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(
+            options.checkpoint_dir,
+            context.checkpoint_group,
+            keep=options.keep_checkpoints,
+            use_async=options.async_checkpoint,
+        )
+        self.rollbacks: dict[int, int] = {}
+        self.step = 0
+        self.history: list[dict] = []
+        """Per-step records (also in train_log.jsonl on plan rank 0)."""
+
+        self.metrics = TrainerMetrics(me.rank, me.stage)
+        self.metrics.labels(self.metrics.restarts).set(options.restart_count)
+        self.is_reporter = me.rank == 0
+        self.progress = (
+            ProgressReporter(
+                options.checkpoint_dir / PROGRESS, self.total_steps, options.restart_count
+            )
+            if self.is_reporter
+            else None
+        )
+        peak = options.peak_flops or measure_matmul_peak(device, context.device.compute_dtype)
+        self._flops_per_token = flops_per_token(plan.model, training.sequence_length)
+        self._peak_total = peak * context.world_size
+        self.server: MetricsServer | None = None
+        if options.metrics_port:
+            routes = {"/metrics": metrics_route(self.metrics)}
+            if self.progress is not None:
+                routes["/progress"] = self.progress.route
+            self.server = MetricsServer(options.metrics_port, routes)
+
+    # -- state -----------------------------------------------------------------
+
+    def _trainer_json(self) -> str:
+        return json.dumps(
+            {
+                "step": self.step,
+                "stream": self.stream.state_dict(),
+                "detector": self.detector.state_dict(),
+                "rollbacks": self.rollbacks,
+            }
+        )
+
+    def state(self) -> dict[str, object]:
+        """Everything a checkpoint holds for this rank (tensors are live, not copies)."""
+        return training_state(
+            self.stage, self.optimizer, self._trainer_json(), self.context.me.rank
+        )
+
+    def load(self, path: Path) -> None:
+        """Restore model, optimizer, counters and RNG from the checkpoint at ``path``."""
+        state = self.state()
+        self.checkpointer.load(path, state)
+        trainer = json.loads(str(state["trainer"]))
+        self.step = int(trainer["step"])
+        self.stream.load_state_dict(trainer["stream"])
+        self.detector.load_state_dict(trainer["detector"])
+        self.rollbacks = {int(k): int(v) for k, v in trainer["rollbacks"].items()}
+        rng = state.get(f"rng.{self.context.me.rank}")
+        if isinstance(rng, torch.Tensor):
+            torch.set_rng_state(rng)
+        log.info(
+            "resumed from %s at step %d, sample %d", path.name, self.step, self.stream.consumed
+        )
+
+    def save(self) -> float:
+        """Checkpoint the current step; returns seconds blocked."""
+        blocked = self.checkpointer.save(self.step, self.state())
+        self.metrics.labels(self.metrics.checkpoint_blocking).set(blocked)
+        return blocked
+
+    # -- the loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Resume if possible, train to the end, return the exit code."""
+        try:
+            resume = self.checkpointer.find_resume_point()
+            if resume is not None:
+                self.load(resume)
+            while self.step < self.total_steps:
+                self.train_step()
+            if self.checkpointer.last_step != self.step:
+                self.save()
+            self.checkpointer.wait()
+            self._report(state="finished", last_checkpoint_step=self.checkpointer.last_step)
+            return WorkerExit.OK
+        except TrainingExit as stop:
+            log.error("%s", stop)
+            self.checkpointer.wait()
+            state = "straggler" if stop.code == WorkerExit.REPLACE_NODE else "rollback-exhausted"
+            self._report(state=state)
+            return stop.code
+        finally:
+            if self.server is not None:
+                self.server.close()
+
+    def _next_batch(self) -> tuple[list[int], bool]:
+        due = self.detector.due_batch(self.step)
+        if due is not None:
+            return due, True
+        return self.stream.take(self.training.global_batch_size), False
+
+    def train_step(self) -> None:
+        """One optimizer step (or a skipped one, or a rollback)."""
+        self.faults.crash(self.step, "step")
+        times = StepTimes()
+        start = time.perf_counter()
+        position = self.stream.consumed
+        samples, reinjected = self._next_batch()
+        mine = samples[self.my_slice]
+        inputs = targets = None
+        if self.runner.is_first or self.runner.is_last:
+            inputs, targets = batch_tensors(self.source, mine, self.context.device.device)
+        self.runner.loss_scale = self.faults.loss_scale(self.step, samples)
+        times.add("data", time.perf_counter() - start)
+
+        phase = time.perf_counter()
+        forward_before = self.runner.compute.forward_seconds
+        local_loss = self.runner.run(inputs, targets, self.step)
+        self.runner.loss_scale = 1.0
+        forward = self.runner.compute.forward_seconds - forward_before
+        times.add("forward", forward)
+        times.add("backward", time.perf_counter() - phase - forward)
+        self.sync.materialize()
+        self.faults.poison_gradients(self.step, self.sync.params)
+        self.faults.delay(self.step)
+        ready = time.perf_counter() - start
+
+        phase = time.perf_counter()
+        self.sync.sync()
+        times.add("grad_sync", time.perf_counter() - phase)
+
+        world = self.context.world_size
+        stats = torch.zeros(3 + world, dtype=torch.float64, device=self.context.device.device)
+        norm_sq = self.sync.local_norm_sq()
+        stats[0] = local_loss.double()
+        stats[1] = norm_sq.double()
+        stats[2] = float(not (torch.isfinite(local_loss) and torch.isfinite(norm_sq)))
+        stats[3 + self.context.rank] = ready
+        dist.all_reduce(stats)
+        values = stats.tolist()
+        loss, grad_norm = values[0], math.sqrt(values[1]) if values[1] >= 0 else math.nan
+        verdict = self.detector.judge(
+            self.step,
+            loss,
+            grad_norm,
+            nonfinite=values[2] > 0,
+            reinjected=reinjected,
+            position=position,
+        )
+        loads = self._expert_loads()
+
+        phase = time.perf_counter()
+        lr = learning_rate(self.training.lr, self.step, self.total_steps) * verdict.lr_factor
+        if verdict.action in (Action.APPLY, Action.LOWER_LR):
+            clip_gradients(self.sync.params, grad_norm, self.training.grad_clip)
+            set_learning_rate(self.optimizer, lr)
+            self.checkpointer.wait_staged()
+            self.optimizer.step()
+            if self.training.balancing == "bias":
+                self.stage.update_balancing_bias(loads)
+        elif verdict.action is Action.SKIP and verdict.reason == "spike":
+            due = self.detector.set_batch_aside(self.step, samples)
+            log.warning(
+                "step %d: loss spike %.4f, batch set aside until step %d", self.step, loss, due
+            )
+        elif verdict.action is Action.SKIP:
+            log.warning("step %d: non-finite loss/gradient, update skipped", self.step)
+        self.optimizer.zero_grad(set_to_none=True)
+        times.add("optimizer", time.perf_counter() - phase)
+
+        if verdict.action is Action.ROLLBACK:
+            self._rollback(verdict)
+            return
+        self.step += 1
+        scores = self.stragglers.update(values[3 : 3 + world])
+        self._record(
+            verdict, loss, grad_norm, lr, loads, scores, values[3 : 3 + world], times, start
+        )
+        self._check_stragglers(scores)
+
+        if self.step % self.options.checkpoint_interval == 0 and self.step < self.total_steps:
+            phase = time.perf_counter()
+            self.save()
+            self.faults.crash(self.step, "save")
+            times.add("checkpoint", time.perf_counter() - phase)
+        self.checkpointer.poll()
+
+    def _expert_loads(self) -> dict[int, torch.Tensor]:
+        """Tokens per expert and layer this step, summed over the stage's replicas."""
+        loads = self.stage.pop_expert_load()
+        if not loads:
+            return loads
+        layers = sorted(loads)
+        stacked = torch.stack([loads[i] for i in layers])
+        if len(self.context.dense_holders) > 1:
+            dist.all_reduce(stacked, group=self.context.dp_group)
+        return {layer: stacked[n] for n, layer in enumerate(layers)}
+
+    def _rollback(self, verdict: Verdict) -> None:
+        start = self.detector.streak_start
+        end = self.stream.consumed
+        self.checkpointer.wait()
+        path = self.checkpointer.find_resume_point()
+        counts, events = dict(self.detector.counts), list(self.detector.events)
+        rollbacks = dict(self.rollbacks)
+        target = -1
+        if path is not None:
+            self.load(path)
+            target = self.step
+        rollbacks[target] = rollbacks.get(target, 0) + 1
+        if rollbacks[target] > self.options.max_rollbacks:
+            raise TrainingExit(
+                WorkerExit.ROLLBACK_EXHAUSTED,
+                f"{rollbacks[target]} rollbacks to step {max(target, 0)} "
+                "did not clear the anomalies",
+            )
+        self.rollbacks = rollbacks
+        self.detector.counts, self.detector.events = counts, events
+        self.detector.end_streak()
+        skipped = (start if start is not None else end, end)
+        self.stream.skip_ranges.append(skipped)
+        self.detector.set_aside = [
+            (due, s)
+            for due, s in self.detector.set_aside
+            if not any(skipped[0] <= i < skipped[1] for i in s)
+        ]
+        where = (
+            f"checkpoint step {self.step}"
+            if path is not None
+            else "current weights (no checkpoint yet)"
+        )
+        self.detector.record(
+            self.step,
+            "rollback",
+            f"{verdict.reason}: back to {where}, samples {skipped[0]}..{skipped[1]} skipped",
+        )
+        log.error(
+            "rollback (%s): back to %s; samples [%d, %d) skipped", verdict.reason, where, *skipped
+        )
+        self._report(anomalies=self.detector.counts, events=self.detector.events)
+
+    def _check_stragglers(self, scores: list[float]) -> None:
+        straggler = self.stragglers.persistent()
+        if straggler is None:
+            return
+        plan_rank = self.context.process_of.index(straggler)
+        seat = self.context.plan.ranks[plan_rank]
+        info = {
+            "plan_rank": plan_rank,
+            "pool": seat.pool,
+            "node_slot": seat.node_slot,
+            "local_rank": seat.local_rank,
+            "score": scores[straggler],
+        }
+        self.detector.record(self.step, "straggler", json.dumps(info))
+        self._report(straggler=info, anomalies=self.detector.counts, events=self.detector.events)
+        raise TrainingExit(
+            WorkerExit.REPLACE_NODE,
+            f"rank {plan_rank} ({seat.pool} node {seat.node_slot}) straggled for "
+            f"{self.stragglers.patience} steps (score {scores[straggler]:.2f}): replace its node",
+        )
+
+    # -- reporting -----------------------------------------------------------------
+
+    def _record(
+        self,
+        verdict: Verdict,
+        loss: float,
+        grad_norm: float,
+        lr: float,
+        loads: dict[int, torch.Tensor],
+        scores: list[float],
+        ready: list[float],
+        times: StepTimes,
+        start: float,
+    ) -> None:
+        elapsed = time.perf_counter() - start
+        tokens_per_step = self.training.tokens_per_step
+        tokens_per_s = tokens_per_step / elapsed
+        m = self.metrics
+        m.labels(m.step).set(self.step)
+        m.labels(m.tokens_per_second).set(tokens_per_s)
+        m.labels(m.learning_rate).set(lr)
+        m.labels(m.grad_norm).set(grad_norm)
+        m.labels(m.loss).set(loss)
+        m.labels(m.straggler_score).set(scores[self.context.rank])
+        m.labels(m.mfu).set(tokens_per_s * self._flops_per_token / self._peak_total)
+        for name, seconds in times.phases.items():
+            m.labels(m.step_seconds, phase=name).set(seconds)
+        for kind in ANOMALY_KINDS:
+            m.labels(m.anomalies, kind=kind).set(self.detector.counts.get(kind, 0))
+        for layer, load in loads.items():
+            counts = load.double()
+            m.labels(m.expert_load_max, layer=str(layer)).set(counts.max().item())
+            m.labels(m.expert_load_mean, layer=str(layer)).set(counts.mean().item())
+
+        record = {
+            "step": self.step,
+            "loss": loss,
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "action": verdict.action.value,
+            "consumed_samples": self.stream.consumed,
+            "tokens_per_s": tokens_per_s,
+            "seconds": elapsed,
+            "time": time.time(),
+        }
+        self.history.append(record)
+        if not self.is_reporter:
+            return
+        with (self.options.checkpoint_dir / TRAIN_LOG).open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        per_stage: dict[str, float] = {}
+        for process, seconds in enumerate(ready):
+            stage = str(self.context.plan.ranks[self.context.process_of.index(process)].stage)
+            per_stage[stage] = max(per_stage.get(stage, 0.0), seconds)
+        remaining = self.total_steps - self.step
+        self._report(
+            step=self.step,
+            tokens=self.step * tokens_per_step,
+            consumed_samples=self.stream.consumed,
+            loss=_finite_or_none(loss),
+            grad_norm=_finite_or_none(grad_norm),
+            lr=lr,
+            tokens_per_s=tokens_per_s,
+            eta_seconds=remaining * elapsed,
+            last_checkpoint_step=self.checkpointer.last_step,
+            anomalies=self.detector.counts,
+            events=self.detector.events,
+            stage_step_seconds=per_stage,
+        )
+
+    def _report(self, **fields: object) -> None:
+        if self.progress is not None:
+            self.progress.update(**fields)
