@@ -45,7 +45,8 @@ def test_one_pod_per_plan_node_with_the_contract() -> None:
         "metadata"]["labels"]
     assert first["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     container = first["spec"]["containers"][0]
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python"]
+    assert container["args"][:2] == ["-m", "hetmoe_trainer.launch"]
     assert "--rdzv-endpoint=g3-n0.job.ns.svc:29400" in container["args"]
     assert container["args"][-12:] == [
         "-m", "hetmoe_trainer", "--plan", "/etc/hetmoe/plan.json", "--checkpoint-dir",
@@ -70,7 +71,7 @@ def test_user_strings_stay_single_argv_elements() -> None:
     container = pods[0]["spec"]["containers"][0]
     assert all(hostile not in arg for arg in container["args"])
     assert pods[0]["spec"]["volumes"][1]["hostPath"]["path"] == hostile
-    assert container["command"] == ["torchrun"]
+    assert container["command"] == ["python"]
 
 
 def test_launches_are_executor_agnostic() -> None:

@@ -49,7 +49,7 @@ TERMINATION_GRACE_SECONDS = 60
 
 @dataclass(frozen=True)
 class WorkerLaunch:
-    """One node's worker: a torchrun agent starting ``nproc`` trainer processes.
+    """One node's worker: a torchrun agent (``hetmoe_trainer.launch``) running ``nproc`` trainers.
 
     Executor-agnostic: pods and local processes start exactly this argv and env.
     """
@@ -94,7 +94,10 @@ def worker_launches(
     launches = []
     for index, (pool, slot, nproc) in enumerate(nodes):
         argv = (
-            "torchrun",
+            # torchrun through our wrapper, which keeps the trainer's exit codes.
+            "python",
+            "-m",
+            "hetmoe_trainer.launch",
             f"--nnodes={len(nodes)}",
             f"--nproc-per-node={nproc}",
             "--rdzv-backend=c10d",
