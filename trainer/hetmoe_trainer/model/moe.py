@@ -110,6 +110,8 @@ class MoE(nn.Module):
         self.num_experts = arch.num_experts
         # Accumulated on the routing device without host syncs; popped by the runtime.
         self._load: torch.Tensor | None = None
+        self.record_stats = True
+        """False while activation recompute re-runs this block's forward in backward."""
         self._aux_sum: torch.Tensor | None = None
         self._aux_calls = 0
 
@@ -138,6 +140,8 @@ class MoE(nn.Module):
         return run_experts(experts, tokens, counts, grouped=self.grouped_mm)
 
     def _record(self, counts: torch.Tensor, losses: torch.Tensor) -> None:
+        if not self.record_stats:  # activation recompute re-runs forward: count once
+            return
         self._load = counts if self._load is None else self._load + counts
         self._aux_sum = losses if self._aux_sum is None else self._aux_sum + losses
         self._aux_calls += 1

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
@@ -103,6 +106,27 @@ class NormHead(nn.Module):
         return F.linear(x, weight).float()
 
 
+@contextmanager
+def _stats_paused(layer: DecoderLayer) -> Iterator[None]:
+    """Recompute re-runs the forward in backward: keep its load and loss stats out."""
+    mlp = layer.mlp
+    if not isinstance(mlp, MoE):
+        yield
+        return
+    mlp.record_stats = False
+    try:
+        yield
+    finally:
+        mlp.record_stats = True
+
+
+def _recompute_contexts(
+    layer: DecoderLayer,
+) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
+    """Contexts for activation checkpointing: plain forward, stats paused on recompute."""
+    return nullcontext(), _stats_paused(layer)
+
+
 class Stage(nn.Module):
     """The module one pipeline stage runs (see the package docstring for the interface)."""
 
@@ -165,8 +189,20 @@ class Stage(nn.Module):
                 device=x.device,
                 dtype=x.dtype,
             )
+            recompute = self.plan.recompute_activations and torch.is_grad_enabled()
             for layer in self.layers.values():
-                x = layer(x, cos, sin, step)
+                if recompute:
+                    x = checkpoint(
+                        layer,
+                        x,
+                        cos,
+                        sin,
+                        step,
+                        use_reentrant=False,
+                        context_fn=partial(_recompute_contexts, layer),
+                    )
+                else:
+                    x = layer(x, cos, sin, step)
         if self.plan.has_head:
             return self.head(self.norm(x))
         return x
