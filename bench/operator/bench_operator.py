@@ -52,7 +52,9 @@ def percentile(values: list[float], q: float) -> float | None:
 
 def job(name: str, pool: str) -> dict[str, Any]:
     return {
-        "apiVersion": "hetmoe.io/v1alpha1", "kind": "MoEJob", "metadata": {"name": name},
+        "apiVersion": "hetmoe.io/v1alpha1",
+        "kind": "MoEJob",
+        "metadata": {"name": name},
         "spec": {
             "model": {"preset": "tiny"},
             "training": {"steps": 100, "globalBatchSize": 128, "sequenceLength": 2048},
@@ -100,21 +102,40 @@ def peak_rss_mib(pid: int) -> float:
 
 
 def api_requests(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics",
-                                  timeout=10).read().decode()
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.startswith("hetmoe_api_requests_total{"))
+    text = (
+        urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+        .read()
+        .decode()
+    )
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("hetmoe_operator_api_requests_total{")
+    )
 
 
 def fail_pod(core: CoreV1Api, name: str) -> None:
     """Mark a worker Failed with exit code 1 through the status subresource (what a
     kubelet reports when the trainer crashes)."""
-    core.patch_namespaced_pod_status(name, NAMESPACE, {"status": {
-        "phase": "Failed",
-        "containerStatuses": [{"name": "trainer", "image": "x", "imageID": "", "ready": False,
-                               "restartCount": 0,
-                               "state": {"terminated": {"exitCode": 1, "reason": "Error"}}}],
-    }})
+    core.patch_namespaced_pod_status(
+        name,
+        NAMESPACE,
+        {
+            "status": {
+                "phase": "Failed",
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "image": "x",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 1, "reason": "Error"}},
+                    }
+                ],
+            }
+        },
+    )
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -124,8 +145,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.configuration.connection_pool_maxsize = 32
         apply_topology(client, topology)
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "moejob.yaml"))
-        plane.kubectl("wait", "--for=condition=Established", "--timeout=180s",
-                      "crd/moejobs.hetmoe.io")
+        plane.kubectl(
+            "wait", "--for=condition=Established", "--timeout=180s", "crd/moejobs.hetmoe.io"
+        )
         plane.kubectl("create", "namespace", NAMESPACE)
         core, custom = CoreV1Api(client), CustomObjectsApi(client)
         while True:
@@ -136,11 +158,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
         metrics_port = free_port()
         log = open(args.log, "wb")  # noqa: SIM115 - kept open for the operator's lifetime
-        argv = [sys.executable, "-m", "hetmoe_operator.cli.operator_command",
-                "--catalog", str(CATALOG), "--metrics-port", str(metrics_port),
-                "--toleration", "hetmoe.io/grade-e"]
-        operator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                                    env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)})
+        argv = [
+            sys.executable,
+            "-m",
+            "hetmoe_operator.cli.operator_command",
+            "--catalog",
+            str(CATALOG),
+            "--metrics-port",
+            str(metrics_port),
+            "--toleration",
+            "hetmoe.io/grade-e",
+        ]
+        operator = subprocess.Popen(
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
+        )
         try:
             return measure(args, topology, core, custom, operator, metrics_port)
         finally:
@@ -148,8 +183,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             operator.wait(timeout=30)
 
 
-def measure(args: argparse.Namespace, topology: Any, core: CoreV1Api, custom: CustomObjectsApi,
-            operator: subprocess.Popen[bytes], metrics_port: int) -> dict[str, Any]:
+def measure(
+    args: argparse.Namespace,
+    topology: Any,
+    core: CoreV1Api,
+    custom: CustomObjectsApi,
+    operator: subprocess.Popen[bytes],
+    metrics_port: int,
+) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while True:  # operator start-up: node cache warm-up, then /metrics answers
         try:
@@ -177,20 +218,22 @@ def measure(args: argparse.Namespace, topology: Any, core: CoreV1Api, custom: Cu
 
     def create(item: tuple[str, str]) -> None:
         applied[item[0]] = time.monotonic()
-        custom.create_namespaced_custom_object("hetmoe.io", "v1alpha1", NAMESPACE, "moejobs",
-                                               job(*item))
+        custom.create_namespaced_custom_object(
+            "hetmoe.io", "v1alpha1", NAMESPACE, "moejobs", job(*item)
+        )
 
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, names))
     deadline = time.monotonic() + args.timeout
     fits = sum(min(capacity[p], assigned.get(p, 0)) for p in capacity)
-    while time.monotonic() < deadline and sum(
-            (n, "1") in tracker.running for n, _ in names) < fits:
+    while time.monotonic() < deadline and sum((n, "1") in tracker.running for n, _ in names) < fits:
         time.sleep(0.5)
-    created = [tracker.created[(n, "1")] - applied[n] for n, _ in names
-               if (n, "1") in tracker.created]
-    running = [tracker.running[(n, "1")] - applied[n] for n, _ in names
-               if (n, "1") in tracker.running]
+    created = [
+        tracker.created[(n, "1")] - applied[n] for n, _ in names if (n, "1") in tracker.created
+    ]
+    running = [
+        tracker.running[(n, "1")] - applied[n] for n, _ in names if (n, "1") in tracker.running
+    ]
     if operator.poll() is not None:
         raise RuntimeError(f"operator exited with {operator.returncode}; see {args.log}")
     requests_launch = api_requests(metrics_port) - requests_before
@@ -199,10 +242,17 @@ def measure(args: argparse.Namespace, topology: Any, core: CoreV1Api, custom: Cu
     for name in [n for n, _ in names if (n, "1") in tracker.running]:
         if len(victims) >= args.failures:
             break
-        pods = json.loads(core.list_namespaced_pod(
-            NAMESPACE, label_selector=f"hetmoe.io/job={name}", _preload_content=False).data)
-        alive = [p for p in pods["items"] if (p.get("status") or {}).get("phase") == "Running"
-                 and not p["metadata"].get("deletionTimestamp")]
+        pods = json.loads(
+            core.list_namespaced_pod(
+                NAMESPACE, label_selector=f"hetmoe.io/job={name}", _preload_content=False
+            ).data
+        )
+        alive = [
+            p
+            for p in pods["items"]
+            if (p.get("status") or {}).get("phase") == "Running"
+            and not p["metadata"].get("deletionTimestamp")
+        ]
         if len(alive) < PODS_PER_JOB:
             continue  # restarting for another reason (e.g. a node went NotReady)
         generation = int(alive[0]["metadata"]["labels"]["hetmoe.io/generation"])
@@ -216,19 +266,29 @@ def measure(args: argparse.Namespace, topology: Any, core: CoreV1Api, custom: Cu
         time.sleep(args.failure_spacing)
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline and not all(
-            (n, g) in tracker.created for n, g in victims.items()):
+        (n, g) in tracker.created for n, g in victims.items()
+    ):
         time.sleep(0.2)
-    replacement = [tracker.created[(n, g)] - failed_at[n] for n, g in victims.items()
-                   if (n, g) in tracker.created]
+    replacement = [
+        tracker.created[(n, g)] - failed_at[n]
+        for n, g in victims.items()
+        if (n, g) in tracker.created
+    ]
     tracker.stop.set()
     total_requests = api_requests(metrics_port) - requests_before
     result = {
-        "jobs": args.jobs, "pods_per_job": PODS_PER_JOB,
-        "nodes": topology.total_nodes, "jobs_that_fit": fits,
-        "jobs_all_created": len(created), "jobs_all_running": len(running),
-        "created_p50_s": percentile(created, 50), "created_p99_s": percentile(created, 99),
-        "running_p50_s": percentile(running, 50), "running_p99_s": percentile(running, 99),
-        "failures_injected": len(victims), "replacements_created": len(replacement),
+        "jobs": args.jobs,
+        "pods_per_job": PODS_PER_JOB,
+        "nodes": topology.total_nodes,
+        "jobs_that_fit": fits,
+        "jobs_all_created": len(created),
+        "jobs_all_running": len(running),
+        "created_p50_s": percentile(created, 50),
+        "created_p99_s": percentile(created, 99),
+        "running_p50_s": percentile(running, 50),
+        "running_p99_s": percentile(running, 99),
+        "failures_injected": len(victims),
+        "replacements_created": len(replacement),
         "replacement_p50_s": percentile(replacement, 50),
         "replacement_p99_s": percentile(replacement, 99),
         "api_requests_per_job_launch": requests_launch / max(1, args.jobs),
@@ -243,8 +303,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=100)
     parser.add_argument("--failures", type=int, default=20)
-    parser.add_argument("--failure-spacing", type=float, default=0.5,
-                        help="seconds between injected failures")
+    parser.add_argument(
+        "--failure-spacing", type=float, default=0.5, help="seconds between injected failures"
+    )
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--log", default="/tmp/hetmoe-bench-operator.log")
     parser.add_argument("--out", type=Path, default=None)

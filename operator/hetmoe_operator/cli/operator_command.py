@@ -20,27 +20,52 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser("operator", help="run the MoEJob operator")
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument("--namespace", "-n", default=None, help="watch only this namespace")
-    scope.add_argument("--all-namespaces", "-A", action="store_true",
-                       help="watch every namespace (the default)")
-    parser.add_argument("--catalog", default=None,
-                        help="device catalog YAML file (default: the ConfigMap below)")
-    parser.add_argument("--catalog-configmap", default="hetmoe-catalog",
-                        help="ConfigMap holding the catalog (key catalog.yaml)")
-    parser.add_argument("--operator-namespace",
-                        default=os.environ.get("POD_NAMESPACE", "hetmoe-system"),
-                        help="namespace of the catalog ConfigMap (default: $POD_NAMESPACE)")
-    parser.add_argument("--metrics-port", type=int, default=8080,
-                        help="Prometheus port, 0 disables (default 8080)")
-    parser.add_argument("--peering", default=None,
-                        help="kopf peering name for active/standby replicas (default: standalone)")
-    parser.add_argument("--priority", type=int, default=None,
-                        help="peering priority (default: random, so replicas never tie)")
-    parser.add_argument("--resync-seconds", type=float, default=10.0,
-                        help="periodic re-check of non-terminal jobs")
-    parser.add_argument("--progress-poll-seconds", type=float, default=15.0,
-                        help="how often to read rank 0's /progress")
-    parser.add_argument("--toleration", action="append", default=[], metavar="KEY",
-                        help="extra taint key worker pods tolerate (repeatable)")
+    scope.add_argument(
+        "--all-namespaces", "-A", action="store_true", help="watch every namespace (the default)"
+    )
+    parser.add_argument(
+        "--catalog", default=None, help="device catalog YAML file (default: the ConfigMap below)"
+    )
+    parser.add_argument(
+        "--catalog-configmap",
+        default="hetmoe-catalog",
+        help="ConfigMap holding the catalog (key catalog.yaml)",
+    )
+    parser.add_argument(
+        "--operator-namespace",
+        default=os.environ.get("POD_NAMESPACE", "hetmoe-system"),
+        help="namespace of the catalog ConfigMap (default: $POD_NAMESPACE)",
+    )
+    parser.add_argument(
+        "--metrics-port", type=int, default=8080, help="Prometheus port, 0 disables (default 8080)"
+    )
+    parser.add_argument(
+        "--peering",
+        default=None,
+        help="kopf peering name for active/standby replicas (default: standalone)",
+    )
+    parser.add_argument(
+        "--priority",
+        type=int,
+        default=None,
+        help="peering priority (default: random, so replicas never tie)",
+    )
+    parser.add_argument(
+        "--resync-seconds", type=float, default=10.0, help="periodic re-check of non-terminal jobs"
+    )
+    parser.add_argument(
+        "--progress-poll-seconds",
+        type=float,
+        default=15.0,
+        help="how often to read rank 0's /progress",
+    )
+    parser.add_argument(
+        "--toleration",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="extra taint key worker pods tolerate (repeatable)",
+    )
     parser.add_argument("--verbose", "-v", action="store_true", help="debug logging")
     parser.set_defaults(handler=run)
 
@@ -59,8 +84,10 @@ def run(args: argparse.Namespace) -> int:
     from hetmoe_operator.kube.state import NodeCache, PodIndex, Wakeups
     from hetmoe_operator.placement.planner import plan_job
 
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if not args.verbose:  # one line per handled watch event is noise at scale
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     config = OperatorConfig(
@@ -87,16 +114,26 @@ def run(args: argparse.Namespace) -> int:
     api = KubeApi(client, metrics)
     nodes, pods, wakeups = NodeCache(), PodIndex(), Wakeups()
     reconciler = Reconciler(
-        config=config, api=api,
+        config=config,
+        api=api,
         catalog=CatalogLoader(config.catalog, config.operator_namespace, api.core),
-        nodes=nodes, pods=pods, wakeups=wakeups, metrics=metrics, planner=plan_job,
-        create_executor=ThreadPoolExecutor(max_workers=CREATE_THREADS,
-                                           thread_name_prefix="create"),
+        nodes=nodes,
+        pods=pods,
+        wakeups=wakeups,
+        metrics=metrics,
+        planner=plan_job,
+        create_executor=ThreadPoolExecutor(max_workers=CREATE_THREADS, thread_name_prefix="create"),
     )
-    context = OperatorContext(reconciler=reconciler, nodes=nodes, pods=pods, wakeups=wakeups,
-                              peering=config.peering, metrics_port=config.metrics_port,
-                              executor=ThreadPoolExecutor(max_workers=RECONCILE_THREADS,
-                                                          thread_name_prefix="reconcile"))
+    context = OperatorContext(
+        reconciler=reconciler,
+        nodes=nodes,
+        pods=pods,
+        wakeups=wakeups,
+        peering=config.peering,
+        single_namespace=args.namespace is not None,
+        metrics_port=config.metrics_port,
+        executor=ThreadPoolExecutor(max_workers=RECONCILE_THREADS, thread_name_prefix="reconcile"),
+    )
     kopf.run(
         registry=build_registry(),
         clusterwide=args.namespace is None,

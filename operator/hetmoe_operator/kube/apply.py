@@ -62,8 +62,13 @@ class KubeApi:
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
-            response = self.call("get", "moejobs", lambda: self.custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _preload_content=False))
+            response = self.call(
+                "get",
+                "moejobs",
+                lambda: self.custom.get_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
+                ),
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -71,15 +76,25 @@ class KubeApi:
         return dict(json.loads(response.data))
 
     def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        response = self.call("list", "pods", lambda: self.core.list_namespaced_pod(
-            namespace, label_selector=job_selector(job), _preload_content=False))
+        response = self.call(
+            "list",
+            "pods",
+            lambda: self.core.list_namespaced_pod(
+                namespace, label_selector=job_selector(job), _preload_content=False
+            ),
+        )
         return list(json.loads(response.data)["items"])
 
     def list_active_pods(self) -> list[dict[str, Any]]:
         """Every non-terminated pod (device usage and pending workers for discovery)."""
-        response = self.call("list", "pods", lambda: self.core.list_pod_for_all_namespaces(
-            field_selector="status.phase!=Succeeded,status.phase!=Failed",
-            _preload_content=False))
+        response = self.call(
+            "list",
+            "pods",
+            lambda: self.core.list_pod_for_all_namespaces(
+                field_selector="status.phase!=Succeeded,status.phase!=Failed",
+                _preload_content=False,
+            ),
+        )
         return list(json.loads(response.data)["items"])
 
     def list_nodes(self) -> list[dict[str, Any]]:
@@ -88,8 +103,13 @@ class KubeApi:
 
     def get_plan_config_map(self, namespace: str, job: str) -> dict[str, Any] | None:
         try:
-            response = self.call("get", "configmaps", lambda: self.core.read_namespaced_config_map(
-                plan_config_map_name(job), namespace, _preload_content=False))
+            response = self.call(
+                "get",
+                "configmaps",
+                lambda: self.core.read_namespaced_config_map(
+                    plan_config_map_name(job), namespace, _preload_content=False
+                ),
+            )
         except ApiException as error:
             if error.status == 404:
                 return None
@@ -144,10 +164,12 @@ class Applier:
         core = self.api.core
         creators: dict[str, Callable[[], Any]] = {
             "Pod": lambda: core.create_namespaced_pod(namespace, manifest, _preload_content=False),
-            "Service": lambda: core.create_namespaced_service(namespace, manifest,
-                                                              _preload_content=False),
-            "ConfigMap": lambda: core.create_namespaced_config_map(namespace, manifest,
-                                                                   _preload_content=False),
+            "Service": lambda: core.create_namespaced_service(
+                namespace, manifest, _preload_content=False
+            ),
+            "ConfigMap": lambda: core.create_namespaced_config_map(
+                namespace, manifest, _preload_content=False
+            ),
         }
         try:
             self.api.call("create", kind.lower() + "s", creators[kind])
@@ -155,17 +177,26 @@ class Applier:
             if error.status != 409:
                 raise
             if kind == "ConfigMap":  # the plan changed: replace it
-                self.api.call("replace", "configmaps", lambda: core.replace_namespaced_config_map(
-                    manifest["metadata"]["name"], namespace, manifest, _preload_content=False))
+                self.api.call(
+                    "replace",
+                    "configmaps",
+                    lambda: core.replace_namespaced_config_map(
+                        manifest["metadata"]["name"], namespace, manifest, _preload_content=False
+                    ),
+                )
 
-    def _patch_status(self, namespace: str, name: str, resource_version: str,
-                      patch: dict[str, Any]) -> None:
+    def _patch_status(
+        self, namespace: str, name: str, resource_version: str, patch: dict[str, Any]
+    ) -> None:
         body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
         try:
-            self.api.call("patch", "moejobs/status",
-                          lambda: self.api.custom.patch_namespaced_custom_object_status(
-                              GROUP, VERSION, namespace, PLURAL, name, body,
-                              _preload_content=False))
+            self.api.call(
+                "patch",
+                "moejobs/status",
+                lambda: self.api.custom.patch_namespaced_custom_object_status(
+                    GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
+                ),
+            )
         except ApiException as error:
             if error.status in (404, 409):
                 raise Conflict(f"{namespace}/{name}: {error.reason}") from None
@@ -174,8 +205,13 @@ class Applier:
     def _delete_pod(self, namespace: str, name: str, grace: int | None) -> None:
         options = V1DeleteOptions(grace_period_seconds=grace) if grace is not None else None
         try:
-            self.api.call("delete", "pods", lambda: self.api.core.delete_namespaced_pod(
-                name, namespace, body=options, _preload_content=False))
+            self.api.call(
+                "delete",
+                "pods",
+                lambda: self.api.core.delete_namespaced_pod(
+                    name, namespace, body=options, _preload_content=False
+                ),
+            )
         except ApiException as error:
             if error.status != 404:
                 raise
@@ -185,17 +221,30 @@ class Applier:
         now = rfc3339(datetime.now(UTC))
         body = {
             "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MoEJob",
-                               "name": meta["name"], "namespace": meta["namespace"],
-                               "uid": meta["uid"]},
-            "type": type_, "reason": reason, "message": message[:1024],
-            "firstTimestamp": now, "lastTimestamp": now, "count": 1,
+            "involvedObject": {
+                "apiVersion": f"{GROUP}/{VERSION}",
+                "kind": "MoEJob",
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
             "source": {"component": "hetmoe-operator"},
             "reportingComponent": "hetmoe.io/operator",
         }
         try:
-            self.api.call("create", "events", lambda: self.api.core.create_namespaced_event(
-                meta["namespace"], body, _preload_content=False))
+            self.api.call(
+                "create",
+                "events",
+                lambda: self.api.core.create_namespaced_event(
+                    meta["namespace"], body, _preload_content=False
+                ),
+            )
         except ApiException as error:  # events are best effort
             log.warning("event %s on %s not recorded: %s", reason, meta["name"], error.reason)
 

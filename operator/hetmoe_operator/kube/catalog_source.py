@@ -49,7 +49,8 @@ class CatalogLoader:
         namespace = self.source.config_map_namespace or self.namespace
         try:
             response = self.api.read_namespaced_config_map(
-                self.source.config_map, namespace, _preload_content=False)
+                self.source.config_map, namespace, _preload_content=False
+            )
         except ApiException as error:
             self.last_error = f"configmap {namespace}/{self.source.config_map}: {error.reason}"
             return None

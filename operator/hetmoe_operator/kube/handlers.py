@@ -40,6 +40,8 @@ class OperatorContext:
     pods: PodIndex
     wakeups: Wakeups
     peering: str | None
+    single_namespace: bool
+    """Watching one namespace: namespace scanning (a cluster-scoped list) is off."""
     metrics_port: int
     executor: ThreadPoolExecutor
     """Threads for blocking reconcile passes, sized apart from kopf's own pool so a
@@ -61,15 +63,17 @@ def build_registry() -> kopf.OperatorRegistry:
         settings.posting.enabled = False  # the operator posts its own, meaningful events
         settings.execution.max_workers = 32
         settings.watching.server_timeout = 300
-        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
-            prefix="hetmoe.io")
+        settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="hetmoe.io")
         settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-            prefix="hetmoe.io", key="last-handled-configuration")
+            prefix="hetmoe.io", key="last-handled-configuration"
+        )
         settings.persistence.finalizer = "hetmoe.io/operator"
+        if ctx.single_namespace:
+            # A namespaced Role cannot list namespaces; kopf would retry that for a minute.
+            settings.scanning.disabled = True
         if ctx.peering:
             settings.peering.name = ctx.peering
             settings.peering.mandatory = True
-            settings.peering.clusterwide = True
             settings.peering.lifetime = PEER_LIFETIME_SECONDS
         # Warm the node cache before any daemon runs, so a restarted operator never
         # mistakes "not seen yet" for "node deleted".
@@ -78,10 +82,12 @@ def build_registry() -> kopf.OperatorRegistry:
         ctx.wakeups.loop = asyncio.get_running_loop()
         ctx.reconciler.metrics.serve(ctx.metrics_port)
 
-    @kopf.daemon(GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=5.0,
-                 initial_delay=0)
-    async def job_daemon(*, namespace: str | None, name: str, memo: Any, stopped: Any,
-                         **_: Any) -> None:
+    @kopf.daemon(
+        GROUP, VERSION, PLURAL, registry=registry, cancellation_timeout=5.0, initial_delay=0
+    )
+    async def job_daemon(
+        *, namespace: str | None, name: str, memo: Any, stopped: Any, **_: Any
+    ) -> None:
         ctx: OperatorContext = memo.ctx
         key: JobKey = (namespace or "", name)
         wake = ctx.wakeups.event(key)
@@ -89,7 +95,8 @@ def build_registry() -> kopf.OperatorRegistry:
             while not stopped:
                 wake.clear()
                 delay = await asyncio.get_running_loop().run_in_executor(
-                    ctx.executor, ctx.reconciler.reconcile, *key)
+                    ctx.executor, ctx.reconciler.reconcile, *key
+                )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=delay)
         finally:
@@ -97,8 +104,9 @@ def build_registry() -> kopf.OperatorRegistry:
             ctx.reconciler.forget(*key)
 
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
-    async def job_event(*, body: Any, namespace: str | None, name: str, memo: Any,
-                        **_: Any) -> None:
+    async def job_event(
+        *, body: Any, namespace: str | None, name: str, memo: Any, **_: Any
+    ) -> None:
         # Spec edits (suspend, pools...) bump metadata.generation; our own status
         # patches do not, so they do not cause extra passes.
         status = body.get("status") or {}
@@ -106,8 +114,9 @@ def build_registry() -> kopf.OperatorRegistry:
             memo.ctx.wakeups.poke((namespace or "", name))
 
     @kopf.on.event("", "v1", "pods", registry=registry)
-    async def pod_event(*, event: Any, body: Any, namespace: str | None, name: str, memo: Any,
-                        **_: Any) -> None:
+    async def pod_event(
+        *, event: Any, body: Any, namespace: str | None, name: str, memo: Any, **_: Any
+    ) -> None:
         # Every pod feeds the device-usage index; a worker also wakes its job. Async:
         # a few dict updates are cheaper in the loop than a thread hop per event.
         ctx: OperatorContext = memo.ctx

@@ -17,19 +17,34 @@ class OperatorMetrics:
 
     def __post_init__(self) -> None:
         r = self.registry
-        self.jobs = Gauge("hetmoe_jobs", "MoEJobs by phase", ["phase"], registry=r)
+        self.jobs = Gauge("hetmoe_operator_jobs", "MoEJobs by phase", ["phase"], registry=r)
         self.reconcile_seconds = Histogram(
-            "hetmoe_reconcile_duration_seconds", "Time of one reconcile pass", registry=r,
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+            "hetmoe_operator_reconcile_duration_seconds",
+            "Time of one reconcile pass",
+            registry=r,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
         self.planning_seconds = Histogram(
-            "hetmoe_planning_duration_seconds", "Time of one planner call", registry=r,
-            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
-        self.restarts = Counter("hetmoe_restarts", "Restart generations by cause", ["cause"],
-                                registry=r)
-        self.api_requests = Counter("hetmoe_api_requests", "Kubernetes API requests",
-                                    ["verb", "resource"], registry=r)
-        self.api_errors = Counter("hetmoe_api_errors", "Failed Kubernetes API requests",
-                                  ["verb", "resource", "code"], registry=r)
+            "hetmoe_operator_planning_duration_seconds",
+            "Time of one planner call",
+            registry=r,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+        self.restarts = Counter(
+            "hetmoe_operator_restarts", "Restart generations by cause", ["cause"], registry=r
+        )
+        self.api_requests = Counter(
+            "hetmoe_operator_api_requests",
+            "Kubernetes API requests",
+            ["verb", "resource"],
+            registry=r,
+        )
+        self.api_errors = Counter(
+            "hetmoe_operator_api_errors",
+            "Failed Kubernetes API requests",
+            ["verb", "resource", "code"],
+            registry=r,
+        )
         self._phases: dict[tuple[str, str], str] = {}
 
     def job_phase(self, namespace: str, name: str, phase: str | None) -> None:

@@ -37,8 +37,9 @@ def parse_progress(data: Any, now: datetime) -> tuple[Progress, int | None] | No
     """Progress and last checkpoint step from the trainer's JSON; None if unusable."""
     if not isinstance(data, dict):
         return None
-    fields = {ours: data[theirs] for theirs, ours in _FIELDS.items()
-              if data.get(theirs) is not None}
+    fields = {
+        ours: data[theirs] for theirs, ours in _FIELDS.items() if data.get(theirs) is not None
+    }
     try:
         progress = Progress(**fields, update_time=rfc3339(now))
     except (ValidationError, TypeError):
@@ -48,8 +49,9 @@ def parse_progress(data: Any, now: datetime) -> tuple[Progress, int | None] | No
     return progress, checkpoint if valid else None
 
 
-def read_progress(ip: str, port: int, timeout: float, now: datetime
-                  ) -> tuple[Progress, int | None] | None:
+def read_progress(
+    ip: str, port: int, timeout: float, now: datetime
+) -> tuple[Progress, int | None] | None:
     """GET the progress of rank 0; unreachable or malformed -> None (keep the old one)."""
     if not ip:
         return None

@@ -89,8 +89,9 @@ class Reconciler:
         except Conflict:
             return CONFLICT_RETRY_SECONDS
         except ApiException as error:
-            log.warning("%s/%s: API error %s %s; retrying", namespace, name, error.status,
-                        error.reason)
+            log.warning(
+                "%s/%s: API error %s %s; retrying", namespace, name, error.status, error.reason
+            )
             self._report_api_error(namespace, name, error)
             return min(self.config.resync_seconds, 5.0)
         finally:
@@ -106,15 +107,23 @@ class Reconciler:
             if job is None:
                 return
             status = MoEJobStatus.model_validate(job.get("status") or {})
-            message = f"API server answered {error.status} {error.reason}: " + str(
-                error.body or "")[:1000]
+            message = (
+                f"API server answered {error.status} {error.reason}: "
+                + str(error.body or "")[:1000]
+            )
             conditions = set_condition(
-                status.conditions, "Ready", "False", "ChildCreateFailed", message,
+                status.conditions,
+                "Ready",
+                "False",
+                "ChildCreateFailed",
+                message,
                 observed_generation=int(job["metadata"].get("generation", 1)),
-                now=datetime.now(UTC))
+                now=datetime.now(UTC),
+            )
             patched = status.model_copy(update={"conditions": conditions}).to_wire()
-            Applier(self.api, 1, self.create_executor).apply(job, Decision(
-                (), MoEJobStatus.model_validate(patched), (), (), None))
+            Applier(self.api, 1, self.create_executor).apply(
+                job, Decision((), MoEJobStatus.model_validate(patched), (), (), None)
+            )
         except (ApiException, ValidationError, Conflict):
             log.warning("%s/%s: could not record the API error on the job", namespace, name)
 
@@ -133,8 +142,11 @@ class Reconciler:
         observation = self._observe(job, raw_pods)
         catalog = self.catalog.load()
         environment = Environment(
-            planner=self._timed_planner, discover=self._discoverer(job, catalog, held),
-            catalog=catalog, config=self.config)
+            planner=self._timed_planner,
+            discover=self._discoverer(job, catalog, held),
+            catalog=catalog,
+            config=self.config,
+        )
         decision = decide(observation, environment)
         created = [m for m in decision.creates if m["kind"] == "Pod"]
         for manifest in created:  # book the nodes before the slow part, then let others plan
@@ -143,14 +155,16 @@ class Reconciler:
             self._capacity.release()
             held.locked = False
         try:
-            result = Applier(self.api, self.config.max_api_calls_per_reconcile,
-                             self.create_executor).apply(job, decision)
+            result = Applier(
+                self.api, self.config.max_api_calls_per_reconcile, self.create_executor
+            ).apply(job, decision)
         except BaseException:
             for manifest in created:  # the watch re-adds those that do exist
                 self.pods.remove(namespace, manifest["metadata"]["name"])
             raise
-        self.wakeups.record_nodes((namespace, name), frozenset(p.node for p in observation.pods
-                                                              if p.node))
+        self.wakeups.record_nodes(
+            (namespace, name), frozenset(p.node for p in observation.pods if p.node)
+        )
         self._count_restart(observation.status, decision.status)
         self.metrics.job_phase(namespace, name, decision.status.phase)
         if not result.complete:
@@ -182,10 +196,16 @@ class Reconciler:
         return Observation(
             job=JobRef(name=name, namespace=namespace, uid=meta["uid"]),
             metadata_generation=int(meta.get("generation", 1)),
-            spec=spec, spec_error=spec_error, status=status,
+            spec=spec,
+            spec_error=spec_error,
+            status=status,
             pods=[o for o in (pod_obs(p) for p in raw_pods) if o is not None],
-            nodes=self.nodes.readiness(), now=now, plan=plan, plan_generation=plan_generation,
-            progress=progress, checkpoint_step=checkpoint,
+            nodes=self.nodes.readiness(),
+            now=now,
+            plan=plan,
+            plan_generation=plan_generation,
+            progress=progress,
+            checkpoint_step=checkpoint,
         )
 
     def _plan(self, namespace: str, name: str) -> tuple[Plan | None, int]:
@@ -194,8 +214,9 @@ class Reconciler:
         if config_map is None:
             self._plans.pop((namespace, name), None)
             return None, 0
-        generation = int((config_map["metadata"].get("annotations") or {}).get(
-            PLAN_GENERATION_ANNOTATION, 0))
+        generation = int(
+            (config_map["metadata"].get("annotations") or {}).get(PLAN_GENERATION_ANNOTATION, 0)
+        )
         version = config_map["metadata"]["resourceVersion"]
         cached = self._plans.get((namespace, name))
         if cached and cached[0] == version:
@@ -208,23 +229,37 @@ class Reconciler:
         self._plans[(namespace, name)] = (version, plan)
         return plan, generation
 
-    def _progress(self, namespace: str, name: str, status: MoEJobStatus,
-                  raw_pods: Sequence[dict[str, Any]], now: datetime) -> tuple[Any, int | None]:
+    def _progress(
+        self,
+        namespace: str,
+        name: str,
+        status: MoEJobStatus,
+        raw_pods: Sequence[dict[str, Any]],
+        now: datetime,
+    ) -> tuple[Any, int | None]:
         if status.phase != "Running":
             return None, None
         key = (namespace, name)
         if time.monotonic() - self._progress_at.get(key, -1e18) < self.config.progress_poll_seconds:
             return None, None
         self._progress_at[key] = time.monotonic()
-        rank0 = next((p for p in raw_pods
-                      if (p["metadata"].get("labels") or {}).get(RANK0_LABEL) == "true"
-                      and p["metadata"]["labels"].get(GENERATION_LABEL) == str(status.generation)),
-                     None)
+        rank0 = next(
+            (
+                p
+                for p in raw_pods
+                if (p["metadata"].get("labels") or {}).get(RANK0_LABEL) == "true"
+                and p["metadata"]["labels"].get(GENERATION_LABEL) == str(status.generation)
+            ),
+            None,
+        )
         if rank0 is None:
             return None, None
-        read = read_progress((rank0.get("status") or {}).get("podIP", ""),
-                             self.config.worker_ports.metrics,
-                             self.config.progress_timeout_seconds, now)
+        read = read_progress(
+            (rank0.get("status") or {}).get("podIP", ""),
+            self.config.worker_ports.metrics,
+            self.config.progress_timeout_seconds,
+            now,
+        )
         return read if read is not None else (None, None)
 
     def _discoverer(self, job: dict[str, Any], catalog: Any, held: _Held) -> Any:
@@ -235,24 +270,43 @@ class Reconciler:
                 self._capacity.acquire()
                 held.locked = True
             spec = MoEJobSpec.model_validate(job["spec"])
-            return discover(self.nodes.snapshot(), self.pods.snapshot(), catalog,
-                            self.config, refs=spec.pools, excluded=excluded,
-                            ignore_owner_uid=job["metadata"]["uid"])
+            return discover(
+                self.nodes.snapshot(),
+                self.pods.snapshot(),
+                catalog,
+                self.config,
+                refs=spec.pools,
+                excluded=excluded,
+                ignore_owner_uid=job["metadata"]["uid"],
+            )
 
         return discover_now
 
-    def _timed_planner(self, model: Any, training: Any, cluster: ClusterDescription,
-                       placement: Any, *, job_name: str) -> Plan:
+    def _timed_planner(
+        self,
+        model: Any,
+        training: Any,
+        cluster: ClusterDescription,
+        placement: Any,
+        *,
+        job_name: str,
+    ) -> Plan:
         """The planner, memoised on its inputs minus node names and the job name.
 
         Planning is deterministic and plans never name nodes (only pool and slot), so
         jobs with the same spec on same-shaped capacity share one planner run: a burst
         of identical jobs costs one plan, not one each.
         """
-        key = json.dumps([model.to_wire(), training.to_wire(), placement.to_wire(),
-                          cluster.catalog.to_wire(),
-                          [(p.name, p.grade, p.nodes, p.devices_per_node) for p in cluster.pools]],
-                         sort_keys=True)
+        key = json.dumps(
+            [
+                model.to_wire(),
+                training.to_wire(),
+                placement.to_wire(),
+                cluster.catalog.to_wire(),
+                [(p.name, p.grade, p.nodes, p.devices_per_node) for p in cluster.pools],
+            ],
+            sort_keys=True,
+        )
         cached = self._plan_memo.get(key)
         if cached is not None:
             return cached.model_copy(update={"job": job_name})

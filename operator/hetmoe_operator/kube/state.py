@@ -23,10 +23,14 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
     ready = is_ready(node)
     return {
         "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
-        "spec": {"unschedulable": bool(spec.get("unschedulable")),
-                 "taints": list(spec.get("taints") or [])},
-        "status": {"allocatable": dict(status.get("allocatable") or {}),
-                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        "spec": {
+            "unschedulable": bool(spec.get("unschedulable")),
+            "taints": list(spec.get("taints") or []),
+        },
+        "status": {
+            "allocatable": dict(status.get("allocatable") or {}),
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
     }
 
 
@@ -74,10 +78,15 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
         },
         "spec": {
             "nodeName": spec.get("nodeName"),
-            "containers": [{"resources": {
-                "requests": dict(((c.get("resources") or {}).get("requests")) or {}),
-                "limits": dict(((c.get("resources") or {}).get("limits")) or {}),
-            }} for c in spec.get("containers") or ()],
+            "containers": [
+                {
+                    "resources": {
+                        "requests": dict(((c.get("resources") or {}).get("requests")) or {}),
+                        "limits": dict(((c.get("resources") or {}).get("limits")) or {}),
+                    }
+                }
+                for c in spec.get("containers") or ()
+            ],
         },
         "status": {"phase": (pod.get("status") or {}).get("phase", "Pending")},
     }
