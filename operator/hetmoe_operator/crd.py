@@ -24,8 +24,19 @@ Schema = dict[str, Any]
 # (forbidden next to ``properties``; unknown fields are pruned by the API server and
 # rejected by kubectl's strict field validation).
 _COPIED_KEYS = (
-    "type", "description", "enum", "pattern", "minimum", "maximum", "minLength", "maxLength",
-    "minItems", "maxItems", "maxProperties", "minProperties", "format",
+    "type",
+    "description",
+    "enum",
+    "pattern",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "maxProperties",
+    "minProperties",
+    "format",
 )
 
 _DNS_LABEL = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
@@ -34,59 +45,89 @@ _DNS_LABEL = "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$"
 # (rule, message, fieldPath or None); ``has()`` guards optional fields.
 CEL_RULES: Mapping[str, tuple[tuple[str, str], ...]] = {
     "ModelSpec": (
-        ("has(self.preset) != has(self.architecture)",
-         "set exactly one of model.preset and model.architecture"),
+        (
+            "has(self.preset) != has(self.architecture)",
+            "set exactly one of model.preset and model.architecture",
+        ),
     ),
     "ModelArchitecture": (
-        ("self.num_attention_heads % self.num_key_value_heads == 0",
-         "num_attention_heads must be a multiple of num_key_value_heads"),
-        ("self.num_experts_per_tok <= self.num_experts",
-         "num_experts_per_tok cannot exceed num_experts"),
-        ("!has(self.first_k_dense_replace) || "
-         "self.first_k_dense_replace <= self.num_hidden_layers",
-         "first_k_dense_replace cannot exceed num_hidden_layers"),
-        ("!has(self.first_k_dense_replace) || self.first_k_dense_replace == 0 || "
-         "has(self.intermediate_size)",
-         "intermediate_size is required when first_k_dense_replace > 0"),
-        ("has(self.head_dim) || self.hidden_size % self.num_attention_heads == 0",
-         "set head_dim: hidden_size is not divisible by num_attention_heads"),
+        (
+            "self.num_attention_heads % self.num_key_value_heads == 0",
+            "num_attention_heads must be a multiple of num_key_value_heads",
+        ),
+        (
+            "self.num_experts_per_tok <= self.num_experts",
+            "num_experts_per_tok cannot exceed num_experts",
+        ),
+        (
+            "!has(self.first_k_dense_replace) || "
+            "self.first_k_dense_replace <= self.num_hidden_layers",
+            "first_k_dense_replace cannot exceed num_hidden_layers",
+        ),
+        (
+            "!has(self.first_k_dense_replace) || self.first_k_dense_replace == 0 || "
+            "has(self.intermediate_size)",
+            "intermediate_size is required when first_k_dense_replace > 0",
+        ),
+        (
+            "has(self.head_dim) || self.hidden_size % self.num_attention_heads == 0",
+            "set head_dim: hidden_size is not divisible by num_attention_heads",
+        ),
     ),
     "TrainingConfig": (
-        ("has(self.steps) != has(self.tokens)",
-         "set exactly one of training.steps and training.tokens"),
+        (
+            "has(self.steps) != has(self.tokens)",
+            "set exactly one of training.steps and training.tokens",
+        ),
     ),
     "DataSource": (
-        ("!has(self.kind) || self.kind != 'files' || has(self.path)",
-         "data.path is required when data.kind is 'files'"),
+        (
+            "!has(self.kind) || self.kind != 'files' || has(self.path)",
+            "data.path is required when data.kind is 'files'",
+        ),
     ),
     "PoolRef": (
-        ("has(self.name) != has(self.selector)",
-         "a pool entry sets exactly one of name and selector"),
-        ("!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
-         "minNodes cannot exceed maxNodes"),
+        (
+            "has(self.name) != has(self.selector)",
+            "a pool entry sets exactly one of name and selector",
+        ),
+        (
+            "!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
+            "minNodes cannot exceed maxNodes",
+        ),
     ),
     "PlacementSpec": (
-        ("!has(self.objective) || self.objective != 'throughput-under-budget' || "
-         "has(self.budgetPerHour)",
-         "objective throughput-under-budget needs budgetPerHour"),
+        (
+            "!has(self.objective) || self.objective != 'throughput-under-budget' || "
+            "has(self.budgetPerHour)",
+            "objective throughput-under-budget needs budgetPerHour",
+        ),
     ),
     "FailureRule": (
-        ("(has(self.exitCodes) && size(self.exitCodes) > 0) || "
-         "(has(self.reasons) && size(self.reasons) > 0)",
-         "a failure rule must list exitCodes or reasons"),
+        (
+            "(has(self.exitCodes) && size(self.exitCodes) > 0) || "
+            "(has(self.reasons) && size(self.reasons) > 0)",
+            "a failure rule must list exitCodes or reasons",
+        ),
     ),
     "ElasticSpec": (
-        ("!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
-         "elastic.minNodes cannot exceed elastic.maxNodes"),
+        (
+            "!has(self.minNodes) || !has(self.maxNodes) || self.minNodes <= self.maxNodes",
+            "elastic.minNodes cannot exceed elastic.maxNodes",
+        ),
     ),
     "CheckpointVolume": (
-        ("(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + "
-         "((has(self.emptyDir) && self.emptyDir) ? 1 : 0) == 1",
-         "checkpoint.volume sets exactly one of persistentVolumeClaim, hostPath, emptyDir"),
+        (
+            "(has(self.persistentVolumeClaim) ? 1 : 0) + (has(self.hostPath) ? 1 : 0) + "
+            "((has(self.emptyDir) && self.emptyDir) ? 1 : 0) == 1",
+            "checkpoint.volume sets exactly one of persistentVolumeClaim, hostPath, emptyDir",
+        ),
     ),
     "SchedulingSpec": (
-        ("!has(self.gang) || self.gang != 'kueue' || has(self.queueName)",
-         "scheduling.gang kueue needs scheduling.queueName"),
+        (
+            "!has(self.gang) || self.gang != 'kueue' || has(self.queueName)",
+            "scheduling.gang kueue needs scheduling.queueName",
+        ),
     ),
 }
 
@@ -104,16 +145,36 @@ LIST_MAP_KEYS: Mapping[tuple[str, str], str] = {
 }
 
 PRINTER_COLUMNS: tuple[dict[str, Any], ...] = (
-    {"name": "Phase", "type": "string", "jsonPath": ".status.phase",
-     "description": "Lifecycle phase."},
-    {"name": "Grades", "type": "string", "jsonPath": ".status.grades",
-     "description": "Accelerator grades in use with node counts."},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.progress.step",
-     "description": "Optimizer steps done."},
-    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts",
-     "description": "Restarts counted towards elastic.maxRestarts."},
-    {"name": "Tokens/s", "type": "number", "jsonPath": ".status.progress.tokensPerSecond",
-     "description": "Measured training throughput."},
+    {
+        "name": "Phase",
+        "type": "string",
+        "jsonPath": ".status.phase",
+        "description": "Lifecycle phase.",
+    },
+    {
+        "name": "Grades",
+        "type": "string",
+        "jsonPath": ".status.grades",
+        "description": "Accelerator grades in use with node counts.",
+    },
+    {
+        "name": "Step",
+        "type": "integer",
+        "jsonPath": ".status.progress.step",
+        "description": "Optimizer steps done.",
+    },
+    {
+        "name": "Restarts",
+        "type": "integer",
+        "jsonPath": ".status.restarts",
+        "description": "Restarts counted towards elastic.maxRestarts.",
+    },
+    {
+        "name": "Tokens/s",
+        "type": "number",
+        "jsonPath": ".status.progress.tokensPerSecond",
+        "description": "Measured training throughput.",
+    },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 )
 
@@ -159,8 +220,10 @@ class _Converter:
             }
             if node.get("required"):
                 out["required"] = list(node["required"])
-            rules = [{"rule": rule, "message": message}
-                     for rule, message in CEL_RULES.get(model_name or "", ())]
+            rules = [
+                {"rule": rule, "message": message}
+                for rule, message in CEL_RULES.get(model_name or "", ())
+            ]
             if rules:
                 out["x-kubernetes-validations"] = rules
         elif kind == "object":

@@ -39,9 +39,7 @@ class Discovery:
             reasons: dict[str, int] = {}
             for reason in self.skipped.values():
                 reasons[reason] = reasons.get(reason, 0) + 1
-            parts.append(
-                "skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
-            )
+            parts.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
         for pool, grade in sorted(self.unknown_grades.items()):
             parts.append(f"pool {pool} has grade {grade!r} unknown to the catalog")
         return "; ".join(parts) or "no nodes carry the pool and grade labels"
@@ -90,8 +88,9 @@ def parse_quantity_int(value: object) -> int:
         return 0
 
 
-def devices_in_use(pods: Iterable[Obj], resource_name: str,
-                   ignore_owner_uid: str | None = None) -> dict[str, int]:
+def devices_in_use(
+    pods: Iterable[Obj], resource_name: str, ignore_owner_uid: str | None = None
+) -> dict[str, int]:
     """Devices requested by non-terminated pods bound to each node.
 
     Pods owned by ``ignore_owner_uid`` (the job being re-planned, whose pods are about
@@ -113,8 +112,9 @@ def devices_in_use(pods: Iterable[Obj], resource_name: str,
     return used
 
 
-def pending_workers(pods: Iterable[Obj], pool_label: str,
-                    ignore_owner_uid: str | None = None) -> dict[str, int]:
+def pending_workers(
+    pods: Iterable[Obj], pool_label: str, ignore_owner_uid: str | None = None
+) -> dict[str, int]:
     """Unscheduled hetmoe workers per pool: each will take a whole node of its pool.
 
     Counting them keeps jobs planned moments apart from planning onto the same free
@@ -124,9 +124,12 @@ def pending_workers(pods: Iterable[Obj], pool_label: str,
     for pod in pods:
         meta = pod.get("metadata", {})
         labels = meta.get("labels") or {}
-        if (labels.get("hetmoe.io/role") != "worker" or pod.get("spec", {}).get("nodeName")
-                or meta.get("deletionTimestamp")
-                or pod.get("status", {}).get("phase") in ("Succeeded", "Failed")):
+        if (
+            labels.get("hetmoe.io/role") != "worker"
+            or pod.get("spec", {}).get("nodeName")
+            or meta.get("deletionTimestamp")
+            or pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        ):
             continue
         owners = meta.get("ownerReferences") or ()
         if ignore_owner_uid and any(o.get("uid") == ignore_owner_uid for o in owners):
@@ -165,8 +168,12 @@ def discover(
         if not pool or not grade_name or not matches(node, refs, config.pool_label):
             continue
         grade = known.get(grade_name)
-        reason = _unusable(node, name, excluded_set,
-                           worker_tolerations(grade.resource_name, config) if grade else None)
+        reason = _unusable(
+            node,
+            name,
+            excluded_set,
+            worker_tolerations(grade.resource_name, config) if grade else None,
+        )
         if grade is None:
             unknown[pool] = grade_name
         if reason:
@@ -194,14 +201,21 @@ def discover(
                 skipped[n] = "differs from the rest of its pool"
         names = names[: max(0, len(names) - reserved.get(pool_name, 0))]
         names = _bounded(names, pool_name, refs)
-        pools.append(NodePool(name=pool_name, grade=grade_name, nodes=len(names),
-                              devices_per_node=min(per_node, 64), node_names=names))
-    return Discovery(pools=tuple(p for p in pools if p.nodes), skipped=skipped,
-                     unknown_grades=unknown)
+        pools.append(
+            NodePool(
+                name=pool_name,
+                grade=grade_name,
+                nodes=len(names),
+                devices_per_node=min(per_node, 64),
+                node_names=names,
+            )
+        )
+    return Discovery(
+        pools=tuple(p for p in pools if p.nodes), skipped=skipped, unknown_grades=unknown
+    )
 
 
-def _unusable(node: Obj, name: str, excluded: set[str],
-              allowed: list[Toleration] | None) -> str:
+def _unusable(node: Obj, name: str, excluded: set[str], allowed: list[Toleration] | None) -> str:
     if allowed is None:
         return "unknown grade"
     if name in excluded:

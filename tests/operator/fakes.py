@@ -40,49 +40,105 @@ def spec(**overrides: Any) -> MoEJobSpec:
     return MoEJobSpec.model_validate(raw)
 
 
-def fake_planner(model: ModelArchitecture, training: TrainingConfig, cluster: ClusterDescription,
-                 placement: PlacementSpec, *, job_name: str, expert_load: Any = None,
-                 nodes_per_pool: int = 1, procs_per_node: int = 2) -> Plan:
+def fake_planner(
+    model: ModelArchitecture,
+    training: TrainingConfig,
+    cluster: ClusterDescription,
+    placement: PlacementSpec,
+    *,
+    job_name: str,
+    expert_load: Any = None,
+    nodes_per_pool: int = 1,
+    procs_per_node: int = 2,
+) -> Plan:
     """One pipeline stage, pure data parallelism: ``procs_per_node`` ranks on the first
     ``nodes_per_pool`` nodes of every pool (at most the global batch)."""
-    seats = [(p.name, p.grade, slot, local)
-             for p in cluster.pools for slot in range(min(nodes_per_pool, p.nodes))
-             for local in range(min(procs_per_node, p.devices_per_node))]
+    seats = [
+        (p.name, p.grade, slot, local)
+        for p in cluster.pools
+        for slot in range(min(nodes_per_pool, p.nodes))
+        for local in range(min(procs_per_node, p.devices_per_node))
+    ]
     seats = seats[: training.global_batch_size]
     if not seats:
         raise PlanningError("devices", "no devices")
     world = len(seats)
     base, extra = divmod(training.global_batch_size, world)
-    replicas = [ReplicaPlan(dp_index=i, samples_per_step=base + (i < extra),
-                            microbatch_size=base + (i < extra), num_microbatches=1)
-                for i in range(world)]
-    ranks = [RankPlan(rank=i, pool=pool, grade=grade, node_slot=slot, local_rank=local,
-                      stage=0, dp_index=i, ep_group=0, ep_rank=0,
-                      experts=list(range(model.num_experts)))
-             for i, (pool, grade, slot, local) in enumerate(seats)]
+    replicas = [
+        ReplicaPlan(
+            dp_index=i,
+            samples_per_step=base + (i < extra),
+            microbatch_size=base + (i < extra),
+            num_microbatches=1,
+        )
+        for i in range(world)
+    ]
+    ranks = [
+        RankPlan(
+            rank=i,
+            pool=pool,
+            grade=grade,
+            node_slot=slot,
+            local_rank=local,
+            stage=0,
+            dp_index=i,
+            ep_group=0,
+            ep_rank=0,
+            experts=list(range(model.num_experts)),
+        )
+        for i, (pool, grade, slot, local) in enumerate(seats)
+    ]
     pools = sorted({(pool, grade) for pool, grade, _, _ in seats})
     return Plan(
-        job=job_name, model=model, training=training,
+        job=job_name,
+        model=model,
+        training=training,
         parallel=ParallelDegrees(pp=1, dp=world, ep=1),
-        stages=[StagePlan(index=0, layer_start=0, layer_end=model.num_hidden_layers,
-                          has_embedding=True, has_head=True)],
-        replicas=replicas, ranks=ranks,
-        pools=[PoolSummary(pool=p, grade=g, nodes=len({s for q, _, s, _ in seats if q == p}),
-                           devices=sum(1 for q, *_ in seats if q == p), stages=[0],
-                           layers=f"0-{model.num_hidden_layers - 1}")
-               for p, g in pools],
+        stages=[
+            StagePlan(
+                index=0,
+                layer_start=0,
+                layer_end=model.num_hidden_layers,
+                has_embedding=True,
+                has_head=True,
+            )
+        ],
+        replicas=replicas,
+        ranks=ranks,
+        pools=[
+            PoolSummary(
+                pool=p,
+                grade=g,
+                nodes=len({s for q, _, s, _ in seats if q == p}),
+                devices=sum(1 for q, *_ in seats if q == p),
+                stages=[0],
+                layers=f"0-{model.num_hidden_layers - 1}",
+            )
+            for p, g in pools
+        ],
     )
 
 
-def node(name: str, pool: str, grade: str, *, devices: int = 8, ready: bool = True,
-         unschedulable: bool = False, taints: list[dict[str, str]] | None = None
-         ) -> dict[str, Any]:
+def node(
+    name: str,
+    pool: str,
+    grade: str,
+    *,
+    devices: int = 8,
+    ready: bool = True,
+    unschedulable: bool = False,
+    taints: list[dict[str, str]] | None = None,
+) -> dict[str, Any]:
     return {
-        "metadata": {"name": name, "labels": {"hetmoe.io/pool": pool,
-                                              "hetmoe.io/accelerator": grade}},
+        "metadata": {
+            "name": name,
+            "labels": {"hetmoe.io/pool": pool, "hetmoe.io/accelerator": grade},
+        },
         "spec": {"unschedulable": unschedulable, "taints": taints or []},
-        "status": {"allocatable": {"nvidia.com/gpu": str(devices)},
-                   "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": str(devices)},
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
     }
 
 
@@ -93,8 +149,9 @@ class World:
     status patch; ``kwok`` moves scheduled pods along (bind, Running).
     """
 
-    def __init__(self, job_spec: MoEJobSpec, nodes: list[dict[str, Any]],
-                 planner: Any = fake_planner) -> None:
+    def __init__(
+        self, job_spec: MoEJobSpec, nodes: list[dict[str, Any]], planner: Any = fake_planner
+    ) -> None:
         from hetmoe_operator.api.operator_config import OperatorConfig
         from hetmoe_operator.api.status import MoEJobStatus
         from hetmoe_operator.desired.names import JobRef
@@ -126,10 +183,15 @@ class World:
             plan_gen = int(self.config_map["metadata"]["annotations"][PLAN_GENERATION_ANNOTATION])
         pods = [o for o in (pod_obs(p) for p in self.pods.values()) if o is not None]
         return Observation(
-            job=self.job, metadata_generation=self.metadata_generation, spec=self.spec,
-            status=self.status, pods=pods,
-            nodes={n: is_ready(v) for n, v in self.nodes.items()}, now=self.now,
-            plan=plan, plan_generation=plan_gen,
+            job=self.job,
+            metadata_generation=self.metadata_generation,
+            spec=self.spec,
+            status=self.status,
+            pods=pods,
+            nodes={n: is_ready(v) for n, v in self.nodes.items()},
+            now=self.now,
+            plan=plan,
+            plan_generation=plan_gen,
         )
 
     def environment(self) -> Any:
@@ -137,12 +199,19 @@ class World:
         from hetmoe_operator.reconcile.decide import Environment
 
         def discover_fn(excluded: Any) -> Any:
-            return discover(self.nodes.values(), self.pods.values(), self.catalog, self.config,
-                            refs=self.spec.pools, excluded=excluded,
-                            ignore_owner_uid=self.job.uid)
+            return discover(
+                self.nodes.values(),
+                self.pods.values(),
+                self.catalog,
+                self.config,
+                refs=self.spec.pools,
+                excluded=excluded,
+                ignore_owner_uid=self.job.uid,
+            )
 
-        return Environment(planner=self.planner, discover=discover_fn, catalog=self.catalog,
-                           config=self.config)
+        return Environment(
+            planner=self.planner, discover=discover_fn, catalog=self.catalog, config=self.config
+        )
 
     def reconcile(self, *, drop_status: bool = False) -> Any:
         from hetmoe_operator.reconcile.decide import decide
@@ -167,9 +236,11 @@ class World:
             if pod is None:
                 continue
             node_ok = self.nodes.get(pod["spec"].get("nodeName", ""))
-            if delete.grace_seconds == 0 or (node_ok and _ready(node_ok)) or not pod[
-                "spec"
-            ].get("nodeName"):
+            if (
+                delete.grace_seconds == 0
+                or (node_ok and _ready(node_ok))
+                or not pod["spec"].get("nodeName")
+            ):
                 del self.pods[delete.name]
             else:
                 pod["metadata"]["deletionTimestamp"] = self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -177,23 +248,31 @@ class World:
 
     def kwok(self) -> None:
         """Bind pending pods to free nodes of their pool and mark them Running."""
-        used = {p["spec"].get("nodeName") for p in self.pods.values()
-                if p["status"]["phase"] not in ("Succeeded", "Failed")}
+        used = {
+            p["spec"].get("nodeName")
+            for p in self.pods.values()
+            if p["status"]["phase"] not in ("Succeeded", "Failed")
+        }
         for pod in self.pods.values():
             if pod["spec"].get("nodeName"):
                 if pod["status"]["phase"] == "Pending":
                     pod["status"]["phase"] = "Running"
                 continue
             terms = pod["spec"]["affinity"]["nodeAffinity"][
-                "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+                "requiredDuringSchedulingIgnoredDuringExecution"
+            ]["nodeSelectorTerms"][0]
             pool = terms["matchExpressions"][0]["values"][0]
             excluded = set()
             for expr in terms["matchExpressions"][1:]:
                 excluded |= set(expr["values"])
             for name, node_obj in sorted(self.nodes.items()):
                 labels = node_obj["metadata"]["labels"]
-                if (labels["hetmoe.io/pool"] == pool and name not in used and _ready(node_obj)
-                        and name not in excluded):
+                if (
+                    labels["hetmoe.io/pool"] == pool
+                    and name not in used
+                    and _ready(node_obj)
+                    and name not in excluded
+                ):
                     pod["spec"]["nodeName"] = name
                     pod["status"] = {"phase": "Running", "podIP": "10.1.0.1"}
                     used.add(name)
@@ -202,14 +281,19 @@ class World:
     def fail_pod(self, name: str, exit_code: int = 1, reason: str = "Error") -> None:
         self.pods[name]["status"] = {
             "phase": "Failed",
-            "containerStatuses": [{"state": {"terminated": {"exitCode": exit_code,
-                                                            "reason": reason}}}],
+            "containerStatuses": [
+                {"state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
+            ],
         }
 
     def succeed_all(self) -> None:
         for pod in self.pods.values():
-            pod["status"] = {"phase": "Succeeded", "containerStatuses": [
-                {"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}]}
+            pod["status"] = {
+                "phase": "Succeeded",
+                "containerStatuses": [
+                    {"state": {"terminated": {"exitCode": 0, "reason": "Completed"}}}
+                ],
+            }
 
     def advance(self, seconds: float) -> None:
         from datetime import timedelta
@@ -234,5 +318,9 @@ def _ready(node_obj: dict[str, Any]) -> bool:
 
 
 def small_nodes() -> list[dict[str, Any]]:
-    return [node("a0", "pool-a", "A"), node("a1", "pool-a", "A"), node("d0", "pool-d", "D"),
-            node("d1", "pool-d", "D")]
+    return [
+        node("a0", "pool-a", "A"),
+        node("a1", "pool-a", "A"),
+        node("d0", "pool-d", "D"),
+        node("d1", "pool-d", "D"),
+    ]

@@ -27,7 +27,8 @@ def schema() -> dict[str, Any]:
 
 def test_committed_crd_matches_the_models() -> None:
     assert COMMITTED.read_text() == crd_yaml(), (
-        "crds/moejob.yaml is stale: run `hetmoe crd -o crds/moejob.yaml`")
+        "crds/moejob.yaml is stale: run `hetmoe crd -o crds/moejob.yaml`"
+    )
 
 
 def test_schema_is_structural_every_node_typed_no_refs_or_unions() -> None:
@@ -45,25 +46,34 @@ def test_every_spec_and_status_field_has_a_description_for_kubectl_explain() -> 
 def test_validation_keywords_survive() -> None:
     spec = schema()["properties"]["spec"]["properties"]
     assert spec["placement"]["properties"]["objective"]["enum"] == [
-        "throughput", "cost", "throughput-under-budget"]
+        "throughput",
+        "cost",
+        "throughput-under-budget",
+    ]
     assert spec["pools"]["maxItems"] == 64
     assert spec["pools"]["items"]["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
     budget = spec["placement"]["properties"]["budgetPerHour"]
     assert (budget["minimum"], budget["exclusiveMinimum"]) == (0, True)
     assert set(schema()["properties"]["spec"]["required"]) == {"model", "training"}
-    rules = spec["failureRules"] if "failureRules" in spec else spec["elastic"]["properties"][
-        "failureRules"]
+    rules = (
+        spec["failureRules"]
+        if "failureRules" in spec
+        else spec["elastic"]["properties"]["failureRules"]
+    )
     assert rules["x-kubernetes-list-map-keys"] == ["name"]
 
 
 def test_cel_rules_cover_cross_field_checks_and_immutability() -> None:
     spec = schema()["properties"]["spec"]
     assert spec["properties"]["model"]["x-kubernetes-validations"][-1]["rule"] == (
-        "self == oldSelf")
+        "self == oldSelf"
+    )
     assert spec["properties"]["training"]["x-kubernetes-validations"][-1]["rule"] == (
-        "self == oldSelf")
-    messages = [r["message"] for _, n in walk(schema()) for r in
-                n.get("x-kubernetes-validations", [])]
+        "self == oldSelf"
+    )
+    messages = [
+        r["message"] for _, n in walk(schema()) for r in n.get("x-kubernetes-validations", [])
+    ]
     assert "set exactly one of model.preset and model.architecture" in messages
     assert "set exactly one of training.steps and training.tokens" in messages
 

@@ -16,49 +16,75 @@ JOB = JobRef(name="job", namespace="ns", uid="uid-1")
 
 def plan() -> Plan:
     s = spec()
-    cluster = ClusterDescription(catalog=catalog(), pools=[
-        NodePool(name="pool-a", grade="A", nodes=2, devices_per_node=8),
-        NodePool(name="pool-d", grade="D", nodes=1, devices_per_node=8)])
-    return fake_planner(s.model.resolve(), s.training, cluster, s.placement, job_name="job",
-                        nodes_per_pool=2)
+    cluster = ClusterDescription(
+        catalog=catalog(),
+        pools=[
+            NodePool(name="pool-a", grade="A", nodes=2, devices_per_node=8),
+            NodePool(name="pool-d", grade="D", nodes=1, devices_per_node=8),
+        ],
+    )
+    return fake_planner(
+        s.model.resolve(), s.training, cluster, s.placement, job_name="job", nodes_per_pool=2
+    )
 
 
 def context(**spec_overrides: object) -> PodContext:
     config = OperatorConfig()
-    return PodContext(job=JOB, spec=spec(**spec_overrides), generation=3, plan_generation=2,
-                      ports=config.worker_ports, resource_names={"A": "nvidia.com/gpu",
-                                                                 "D": "example.com/npu"},
-                      pool_label="hetmoe.io/pool",
-                      tolerations=worker_tolerations("nvidia.com/gpu", config),
-                      excluded_nodes=("bad-node",))
+    return PodContext(
+        job=JOB,
+        spec=spec(**spec_overrides),
+        generation=3,
+        plan_generation=2,
+        ports=config.worker_ports,
+        resource_names={"A": "nvidia.com/gpu", "D": "example.com/npu"},
+        pool_label="hetmoe.io/pool",
+        tolerations=worker_tolerations("nvidia.com/gpu", config),
+        excluded_nodes=("bad-node",),
+    )
 
 
 def test_one_pod_per_plan_node_with_the_contract() -> None:
     pods = worker_pods(plan(), context())
     assert [p["metadata"]["name"] for p in pods] == [
-        "job-g3-pool-a-0", "job-g3-pool-a-1", "job-g3-pool-d-0"]
+        "job-g3-pool-a-0",
+        "job-g3-pool-a-1",
+        "job-g3-pool-d-0",
+    ]
     first = pods[0]
     labels = first["metadata"]["labels"]
     assert labels["hetmoe.io/job"] == "job" and labels["hetmoe.io/generation"] == "3"
     assert labels["hetmoe.io/pool"] == "pool-a" and labels["hetmoe.io/node-slot"] == "0"
-    assert labels["hetmoe.io/rank0"] == "true" and "hetmoe.io/rank0" not in pods[1][
-        "metadata"]["labels"]
+    assert (
+        labels["hetmoe.io/rank0"] == "true"
+        and "hetmoe.io/rank0" not in pods[1]["metadata"]["labels"]
+    )
     assert first["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
     container = first["spec"]["containers"][0]
     assert container["command"] == ["python"]
     assert container["args"][:2] == ["-m", "hetmoe_trainer.launch"]
     assert "--rdzv-endpoint=g3-n0.job.ns.svc:29400" in container["args"]
     assert container["args"][-12:] == [
-        "-m", "hetmoe_trainer", "--plan", "/etc/hetmoe/plan.json", "--checkpoint-dir",
-        "/checkpoints", "--checkpoint-interval", "100", "--keep-checkpoints", "3",
-        "--metrics-port", "9400"]
+        "-m",
+        "hetmoe_trainer",
+        "--plan",
+        "/etc/hetmoe/plan.json",
+        "--checkpoint-dir",
+        "/checkpoints",
+        "--checkpoint-interval",
+        "100",
+        "--keep-checkpoints",
+        "3",
+        "--metrics-port",
+        "9400",
+    ]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HETMOE_POOL"] == "pool-a" and env["HETMOE_NODE_SLOT"] == "0"
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
     assert pods[2]["spec"]["containers"][0]["resources"]["limits"] == {"example.com/npu": "2"}
     affinity = first["spec"]["affinity"]["nodeAffinity"][
-        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"][0]
+        "requiredDuringSchedulingIgnoredDuringExecution"
+    ]["nodeSelectorTerms"][0]
     assert affinity["matchExpressions"][1]["values"] == ["bad-node"]
     assert first["spec"]["restartPolicy"] == "Never"
     assert first["spec"]["hostname"] == "g3-n0" and first["spec"]["subdomain"] == "job"
@@ -66,8 +92,7 @@ def test_one_pod_per_plan_node_with_the_contract() -> None:
 
 def test_user_strings_stay_single_argv_elements() -> None:
     hostile = "/data; rm -rf / #"
-    pods = worker_pods(plan(), context(image="img:1", checkpoint={
-        "volume": {"hostPath": hostile}}))
+    pods = worker_pods(plan(), context(image="img:1", checkpoint={"volume": {"hostPath": hostile}}))
     container = pods[0]["spec"]["containers"][0]
     assert all(hostile not in arg for arg in container["args"])
     assert pods[0]["spec"]["volumes"][1]["hostPath"]["path"] == hostile
@@ -75,9 +100,16 @@ def test_user_strings_stay_single_argv_elements() -> None:
 
 
 def test_launches_are_executor_agnostic() -> None:
-    launches = worker_launches(plan(), job_name="job", generation=1, plan_generation=1,
-                               rendezvous_endpoint="127.0.0.1:29400", metrics_port=9400,
-                               plan_path="/tmp/plan.json", checkpoint_dir="/tmp/ck")
+    launches = worker_launches(
+        plan(),
+        job_name="job",
+        generation=1,
+        plan_generation=1,
+        rendezvous_endpoint="127.0.0.1:29400",
+        metrics_port=9400,
+        plan_path="/tmp/plan.json",
+        checkpoint_dir="/tmp/ck",
+    )
     assert [launch.node_index for launch in launches] == [0, 1, 2]
     assert "--rdzv-conf=is_host=true" in launches[0].argv
     assert "--rdzv-conf=is_host=false" in launches[1].argv

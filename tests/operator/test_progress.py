@@ -7,9 +7,18 @@ from tests.operator.fakes import NOW
 
 
 def test_trainer_schema_v1_maps_onto_status_progress() -> None:
-    doc = {"version": 1, "state": "running", "step": 12, "total_steps": 40, "tokens": 6144,
-           "loss": 5.5, "tokens_per_s": 812.5, "eta_seconds": 30.0,
-           "last_checkpoint_step": 10, "restarts": 1}
+    doc = {
+        "version": 1,
+        "state": "running",
+        "step": 12,
+        "total_steps": 40,
+        "tokens": 6144,
+        "loss": 5.5,
+        "tokens_per_s": 812.5,
+        "eta_seconds": 30.0,
+        "last_checkpoint_step": 10,
+        "restarts": 1,
+    }
     parsed = parse_progress(doc, NOW)
     assert parsed is not None
     progress, checkpoint = parsed

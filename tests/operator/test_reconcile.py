@@ -48,7 +48,10 @@ def test_pod_failure_restarts_with_cause_backoff_and_kept_plan() -> None:
     assert status.phase == "Restarting" and status.restarts == 1
     assert status.last_failure is not None
     assert (status.last_failure.pod, status.last_failure.node, status.last_failure.exit_code) == (
-        "job-g1-pool-a-0", "a0", 1)
+        "job-g1-pool-a-0",
+        "a0",
+        1,
+    )
     assert status.last_failure.cause == "WorkerFailed"
     world.settle(4)
     assert world.status.phase == "Running" and world.status.generation == 2
@@ -99,10 +102,20 @@ def test_replace_node_excludes_the_node_from_the_next_generation() -> None:
 
 
 def test_failure_rule_can_make_a_failure_free() -> None:
-    world = running_world(elastic={
-        "maxRestarts": 0, "backoffSeconds": 0,
-        "failureRules": [{"name": "oom", "reasons": ["OOMKilled"], "action": "restart",
-                          "countTowardsMaxRestarts": False}]})
+    world = running_world(
+        elastic={
+            "maxRestarts": 0,
+            "backoffSeconds": 0,
+            "failureRules": [
+                {
+                    "name": "oom",
+                    "reasons": ["OOMKilled"],
+                    "action": "restart",
+                    "countTowardsMaxRestarts": False,
+                }
+            ],
+        }
+    )
     world.fail_pod("job-g1-pool-a-0", exit_code=137, reason="OOMKilled")
     world.settle(3)
     assert world.status.phase == "Running"
@@ -253,22 +266,30 @@ def test_random_histories_keep_the_invariants(events: list[tuple[str, Any]]) -> 
         assert status.restarts <= 3
         assert all(is_known(c.reason) for c in status.conditions)
         assert len({c.type for c in status.conditions}) == len(status.conditions)
-        live = [p for p in world.pods.values() if "deletionTimestamp" not in p["metadata"]
-                and p["status"]["phase"] in ("Pending", "Running")]
+        live = [
+            p
+            for p in world.pods.values()
+            if "deletionTimestamp" not in p["metadata"]
+            and p["status"]["phase"] in ("Pending", "Running")
+        ]
         generations = {p["metadata"]["labels"]["hetmoe.io/generation"] for p in live}
         if kind != "crash":
             assert len(generations) <= 1, generations
             if status.phase in ("Failed", "Suspended"):
-                assert not live or (status.phase == "Failed" and all(
-                    not world.nodes.get(p["spec"].get("nodeName", ""), True) for p in live))
+                assert not live or (
+                    status.phase == "Failed"
+                    and all(not world.nodes.get(p["spec"].get("nodeName", ""), True) for p in live)
+                )
         if live and kind != "crash":
             assert max(int(g) for g in generations) <= status.generation
         if status.phase == "Running":
             assert status.plan is not None and status.grades
 
 
-@pytest.mark.parametrize("exit_code,cause", [(78, "ConfigError"), (87, "RollbackExhausted"),
-                                             (86, "ReplaceNode"), (1, "WorkerFailed")])
+@pytest.mark.parametrize(
+    "exit_code,cause",
+    [(78, "ConfigError"), (87, "RollbackExhausted"), (86, "ReplaceNode"), (1, "WorkerFailed")],
+)
 def test_default_exit_code_contract(exit_code: int, cause: str) -> None:
     from hetmoe_operator.reconcile.failures import Failure, classify
 

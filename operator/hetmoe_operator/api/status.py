@@ -16,7 +16,13 @@ from hetmoe_operator.api.base import ApiModel
 
 Phase = Literal["Pending", "Planning", "Running", "Restarting", "Suspended", "Succeeded", "Failed"]
 PHASES: tuple[Phase, ...] = (
-    "Pending", "Planning", "Running", "Restarting", "Suspended", "Succeeded", "Failed"
+    "Pending",
+    "Planning",
+    "Running",
+    "Restarting",
+    "Suspended",
+    "Succeeded",
+    "Failed",
 )
 TERMINAL_PHASES: frozenset[str] = frozenset({"Succeeded", "Failed"})
 

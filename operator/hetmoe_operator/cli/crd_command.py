@@ -12,7 +12,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "crd", help="print the MoEJob CRD (YAML) generated from the API models"
     )
     parser.add_argument(
-        "--output", "-o", type=Path, default=None,
+        "--output",
+        "-o",
+        type=Path,
+        default=None,
         help="write to this file instead of standard output (e.g. crds/moejob.yaml)",
     )
     parser.set_defaults(handler=run)

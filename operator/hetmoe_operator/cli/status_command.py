@@ -15,8 +15,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``status`` sub-command."""
     parser = subparsers.add_parser("status", help="show a MoEJob's status")
     parser.add_argument("name", help="MoEJob name")
-    parser.add_argument("--namespace", "-n", default=None,
-                        help="namespace (default: the kubeconfig context's)")
+    parser.add_argument(
+        "--namespace", "-n", default=None, help="namespace (default: the kubeconfig context's)"
+    )
     parser.add_argument("--output", "-o", choices=("text", "json"), default="text")
     parser.set_defaults(handler=run)
 
@@ -41,27 +42,37 @@ def render(job: dict[str, Any]) -> str:
     lines += [f"  {key:<10} {value}" for key, value in columns(job).items()]
     progress = status.get("progress") or {}
     if progress:
-        lines.append(f"  progress   step {progress.get('step')}/{progress.get('totalSteps')}, "
-                     f"loss {progress.get('loss')}, ETA {progress.get('etaSeconds')} s, "
-                     f"last checkpoint {status.get('lastCheckpointStep')}")
+        lines.append(
+            f"  progress   step {progress.get('step')}/{progress.get('totalSteps')}, "
+            f"loss {progress.get('loss')}, ETA {progress.get('etaSeconds')} s, "
+            f"last checkpoint {status.get('lastCheckpointStep')}"
+        )
     plan = status.get("plan") or {}
     if plan:
-        lines.append(f"  plan       {plan.get('parallel')}, world {plan.get('worldSize')}, "
-                     f"{plan.get('predictedTokensPerSecond', 0):.0f} tokens/s predicted, "
-                     f"{plan.get('predictedCostPer1TTokens', 0):.0f} {plan.get('currency', '')} "
-                     "per 1T tokens")
+        lines.append(
+            f"  plan       {plan.get('parallel')}, world {plan.get('worldSize')}, "
+            f"{plan.get('predictedTokensPerSecond', 0):.0f} tokens/s predicted, "
+            f"{plan.get('predictedCostPer1TTokens', 0):.0f} {plan.get('currency', '')} "
+            "per 1T tokens"
+        )
         for pool in plan.get("pools") or ():
-            lines.append(f"    {pool['pool']} ({pool['grade']}): {pool['nodes']} nodes, "
-                         f"{pool['devices']} devices, stages {pool.get('stages')}, "
-                         f"layers {pool.get('layers', '')}")
+            lines.append(
+                f"    {pool['pool']} ({pool['grade']}): {pool['nodes']} nodes, "
+                f"{pool['devices']} devices, stages {pool.get('stages')}, "
+                f"layers {pool.get('layers', '')}"
+            )
     failure = status.get("lastFailure")
     if failure:
-        lines.append(f"  last failure {failure.get('cause')}: pod {failure.get('pod')} on "
-                     f"{failure.get('node')} exit {failure.get('exitCode')} "
-                     f"({failure.get('reason')}) -> {failure.get('action')}")
+        lines.append(
+            f"  last failure {failure.get('cause')}: pod {failure.get('pod')} on "
+            f"{failure.get('node')} exit {failure.get('exitCode')} "
+            f"({failure.get('reason')}) -> {failure.get('action')}"
+        )
     for condition in status.get("conditions") or ():
-        lines.append(f"  {condition['type']:<11}{condition['status']:<6}{condition['reason']}: "
-                     f"{condition.get('message', '')}")
+        lines.append(
+            f"  {condition['type']:<11}{condition['status']:<6}{condition['reason']}: "
+            f"{condition.get('message', '')}"
+        )
     return "\n".join(lines)
 
 
@@ -75,10 +86,12 @@ def run(args: argparse.Namespace) -> int:
 
     config.load_kube_config()
     namespace = args.namespace or config.list_kube_config_contexts()[1]["context"].get(
-        "namespace", "default")
+        "namespace", "default"
+    )
     try:
         job: dict[str, Any] = client.CustomObjectsApi().get_namespaced_custom_object(  # type: ignore[assignment]
-            GROUP, VERSION, namespace, PLURAL, args.name)
+            GROUP, VERSION, namespace, PLURAL, args.name
+        )
     except ApiException as error:
         raise UserError(f"moejob {namespace}/{args.name}: {error.reason}") from None
     print(json.dumps(job.get("status") or {}, indent=2) if args.output == "json" else render(job))

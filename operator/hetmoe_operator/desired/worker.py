@@ -105,12 +105,18 @@ def worker_launches(
             f"--rdzv-id={job_name}-g{generation}",
             f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
             "--max-restarts=0",
-            "-m", "hetmoe_trainer",
-            "--plan", plan_path,
-            "--checkpoint-dir", checkpoint_dir,
-            "--checkpoint-interval", str(checkpoint_interval),
-            "--keep-checkpoints", str(keep_checkpoints),
-            "--metrics-port", str(metrics_port),
+            "-m",
+            "hetmoe_trainer",
+            "--plan",
+            plan_path,
+            "--checkpoint-dir",
+            checkpoint_dir,
+            "--checkpoint-interval",
+            str(checkpoint_interval),
+            "--keep-checkpoints",
+            str(keep_checkpoints),
+            "--metrics-port",
+            str(metrics_port),
         )
         env = {
             "HETMOE_JOB": job_name,
@@ -128,8 +134,17 @@ def worker_launches(
             # torchrun + gloo elastic restarts fail intermittently without it.
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
         }
-        launches.append(WorkerLaunch(pool=pool, grade=grades[(pool, slot)], node_slot=slot,
-                                     node_index=index, nproc=nproc, argv=argv, env=env))
+        launches.append(
+            WorkerLaunch(
+                pool=pool,
+                grade=grades[(pool, slot)],
+                node_slot=slot,
+                node_index=index,
+                nproc=nproc,
+                argv=argv,
+                env=env,
+            )
+        )
     return launches
 
 
@@ -153,8 +168,11 @@ def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
     """Every worker pod of one generation, in plan node order."""
     endpoint = f"{rendezvous_host(ctx.job, ctx.generation)}:{ctx.ports.rendezvous}"
     launches = worker_launches(
-        plan, job_name=ctx.job.name, generation=ctx.generation,
-        plan_generation=ctx.plan_generation, rendezvous_endpoint=endpoint,
+        plan,
+        job_name=ctx.job.name,
+        generation=ctx.generation,
+        plan_generation=ctx.plan_generation,
+        rendezvous_endpoint=endpoint,
         metrics_port=ctx.ports.metrics,
         checkpoint_interval=ctx.spec.checkpoint.interval_steps,
         keep_checkpoints=ctx.spec.checkpoint.keep,
@@ -212,8 +230,13 @@ def _pod(launch: WorkerLaunch, ctx: PodContext, total: int) -> dict[str, Any]:
             }
         ],
         "volumes": [
-            {"name": "plan", "configMap": {"name": plan_config_map_name(job.name),
-                                           "items": [{"key": PLAN_KEY, "path": PLAN_KEY}]}},
+            {
+                "name": "plan",
+                "configMap": {
+                    "name": plan_config_map_name(job.name),
+                    "items": [{"key": PLAN_KEY, "path": PLAN_KEY}],
+                },
+            },
             {"name": "checkpoints", **_checkpoint_volume(spec.checkpoint.volume)},
         ],
     }
@@ -241,16 +264,32 @@ def _affinity(pool: str, ctx: PodContext) -> dict[str, Any]:
         {"key": ctx.pool_label, "operator": "In", "values": [pool]}
     ]
     if ctx.excluded_nodes:
-        expressions.append({"key": "kubernetes.io/hostname", "operator": "NotIn",
-                            "values": sorted(ctx.excluded_nodes)})
+        expressions.append(
+            {
+                "key": "kubernetes.io/hostname",
+                "operator": "NotIn",
+                "values": sorted(ctx.excluded_nodes),
+            }
+        )
     return {
-        "nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
-            "nodeSelectorTerms": [{"matchExpressions": expressions}]}},
-        "podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{
-            "topologyKey": "kubernetes.io/hostname",
-            "labelSelector": {"matchLabels": {JOB_LABEL: ctx.job.name,
-                                              GENERATION_LABEL: str(ctx.generation)}},
-        }]},
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": expressions}]
+            }
+        },
+        "podAntiAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": [
+                {
+                    "topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {
+                        "matchLabels": {
+                            JOB_LABEL: ctx.job.name,
+                            GENERATION_LABEL: str(ctx.generation),
+                        }
+                    },
+                }
+            ]
+        },
     }
 
 
@@ -265,8 +304,10 @@ def _checkpoint_volume(volume: CheckpointVolume) -> dict[str, Any]:
 def _gang_labels(spec: MoEJobSpec, job: str, generation: int) -> dict[str, str]:
     group = f"{job}-g{generation}"
     if spec.scheduling.gang == "kueue" and spec.scheduling.queue_name:
-        return {"kueue.x-k8s.io/queue-name": spec.scheduling.queue_name,
-                "kueue.x-k8s.io/pod-group-name": group}
+        return {
+            "kueue.x-k8s.io/queue-name": spec.scheduling.queue_name,
+            "kueue.x-k8s.io/pod-group-name": group,
+        }
     if spec.scheduling.gang == "coscheduling":
         return {"scheduling.x-k8s.io/pod-group": group}
     return {}

@@ -97,24 +97,39 @@ class _Pass:
     def update(self, **changes: Any) -> None:
         self.status = self.status.model_copy(update=changes)
 
-    def cond(self, type_: str, value: Literal["True", "False", "Unknown"], reason: str,
-             message: str) -> None:
-        self.update(conditions=set_condition(
-            self.status.conditions, type_, value, reason, message,
-            observed_generation=self.obs.metadata_generation, now=self.obs.now))
+    def cond(
+        self, type_: str, value: Literal["True", "False", "Unknown"], reason: str, message: str
+    ) -> None:
+        self.update(
+            conditions=set_condition(
+                self.status.conditions,
+                type_,
+                value,
+                reason,
+                message,
+                observed_generation=self.obs.metadata_generation,
+                now=self.obs.now,
+            )
+        )
 
     def phase(self, phase: Phase, reason: str, message: str, *, warning: bool = False) -> None:
         """Move to ``phase``, recording an event when it is a transition."""
         if self.status.phase != phase:
-            self.events.append(Event("Warning" if warning else "Normal", reason,
-                                     f"{self.status.phase} -> {phase}: {message}"))
+            self.events.append(
+                Event(
+                    "Warning" if warning else "Normal",
+                    reason,
+                    f"{self.status.phase} -> {phase}: {message}",
+                )
+            )
             if phase in TERMINAL_PHASES:
                 self.update(completion_time=rfc3339(self.obs.now))
         self.update(phase=phase)
 
     def requeue(self, seconds: float) -> None:
-        self.requeue_after = seconds if self.requeue_after is None else min(
-            self.requeue_after, seconds)
+        self.requeue_after = (
+            seconds if self.requeue_after is None else min(self.requeue_after, seconds)
+        )
 
     def stop(self, pods: Sequence[PodObs]) -> None:
         """Delete pods; pods that would never terminate on their own are forced."""
@@ -128,10 +143,12 @@ class _Pass:
             self.requeue(DELETE_POLL_SECONDS)
 
     def decision(self) -> Decision:
-        status = self.status.model_copy(update={"observed_generation":
-                                                self.obs.metadata_generation})
-        return Decision(tuple(self.creates), status, tuple(self.deletes), tuple(self.events),
-                        self.requeue_after)
+        status = self.status.model_copy(
+            update={"observed_generation": self.obs.metadata_generation}
+        )
+        return Decision(
+            tuple(self.creates), status, tuple(self.deletes), tuple(self.events), self.requeue_after
+        )
 
 
 def decide(obs: Observation, env: Environment) -> Decision:
@@ -146,9 +163,12 @@ def decide(obs: Observation, env: Environment) -> Decision:
     spec = obs.spec
     if run.status.phase in TERMINAL_PHASES:
         failed = condition(run.status.conditions, "Failed")
-        reopen = (run.status.phase == "Failed" and failed is not None
-                  and failed.reason in REOPENABLE_REASONS
-                  and obs.metadata_generation != run.status.observed_generation)
+        reopen = (
+            run.status.phase == "Failed"
+            and failed is not None
+            and failed.reason in REOPENABLE_REASONS
+            and obs.metadata_generation != run.status.observed_generation
+        )
         if not reopen:
             if run.status.phase == "Failed":
                 run.stop(_live(obs.pods))
@@ -228,24 +248,37 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
     if running == total and total:
         run.cond("Ready", "True", "WorkersRunning", f"{running}/{total} workers running")
         run.cond("Restarting", "False", "WorkersRunning", "generation running")
-        run.phase("Running", "WorkersRunning", f"generation {status.generation}: {total} "
-                  "workers running")
+        run.phase(
+            "Running", "WorkersRunning", f"generation {status.generation}: {total} workers running"
+        )
         return
     scheduled = sum(bool(p.node) for p in current)
-    run.cond("Ready", "False", "WorkersCreating",
-             f"{running}/{total} workers running, {scheduled}/{total} scheduled")
+    run.cond(
+        "Ready",
+        "False",
+        "WorkersCreating",
+        f"{running}/{total} workers running, {scheduled}/{total} scheduled",
+    )
     run.requeue(run.env.config.resync_seconds)
 
 
-def _handle_failure(run: _Pass, spec: MoEJobSpec, failure: failures.Failure,
-                    current: Sequence[PodObs]) -> None:
+def _handle_failure(
+    run: _Pass, spec: MoEJobSpec, failure: failures.Failure, current: Sequence[PodObs]
+) -> None:
     status, now = run.status, run.obs.now
     verdict = failures.classify(failure, spec.elastic.failure_rules)
     text = failures.describe(failure)
     record = FailureStatus(
-        cause=verdict.cause, pod=failure.pod, node=failure.node, exit_code=failure.exit_code,
-        reason=failure.reason, message=failure.message[:4096], action=verdict.action,
-        counted=verdict.counted, generation=status.generation, time=rfc3339(now),
+        cause=verdict.cause,
+        pod=failure.pod,
+        node=failure.node,
+        exit_code=failure.exit_code,
+        reason=failure.reason,
+        message=failure.message[:4096],
+        action=verdict.action,
+        counted=verdict.counted,
+        generation=status.generation,
+        time=rfc3339(now),
     )
     run.update(last_failure=record)
     run.cond("Ready", "False", verdict.cause, text)
@@ -254,14 +287,18 @@ def _handle_failure(run: _Pass, spec: MoEJobSpec, failure: failures.Failure,
         run.stop(_live(current))
         return
     if verdict.counted and status.restarts >= spec.elastic.max_restarts:
-        _fail(run, "MaxRestartsExceeded",
-              f"{text}; {status.restarts} restart(s) already used of "
-              f"elastic.maxRestarts={spec.elastic.max_restarts}")
+        _fail(
+            run,
+            "MaxRestartsExceeded",
+            f"{text}; {status.restarts} restart(s) already used of "
+            f"elastic.maxRestarts={spec.elastic.max_restarts}",
+        )
         run.stop(_live(current))
         return
     previous = status.restarts + status.uncounted_restarts
-    delay = failures.backoff_seconds(spec.elastic.backoff_seconds,
-                                     spec.elastic.max_backoff_seconds, previous)
+    delay = failures.backoff_seconds(
+        spec.elastic.backoff_seconds, spec.elastic.max_backoff_seconds, previous
+    )
     excluded = list(status.excluded_nodes)
     if verdict.action == "replace-node" and failure.node and failure.node not in excluded:
         excluded.append(failure.node)
@@ -271,8 +308,12 @@ def _handle_failure(run: _Pass, spec: MoEJobSpec, failure: failures.Failure,
         restart_after=rfc3339(now + timedelta(seconds=delay)),
         excluded_nodes=excluded[-1024:],
     )
-    run.cond("Restarting", "True", verdict.cause,
-             f"{text}; restarting from the latest checkpoint in {delay:.0f}s")
+    run.cond(
+        "Restarting",
+        "True",
+        verdict.cause,
+        f"{text}; restarting from the latest checkpoint in {delay:.0f}s",
+    )
     run.phase("Restarting", verdict.cause, f"{text}; backoff {delay:.0f}s", warning=True)
     run.stop(current)
     run.requeue(delay)
@@ -306,8 +347,12 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
         _wait(run, "CatalogUnavailable", "the device catalog could not be read")
         return
     plan, plan_generation = obs.plan, obs.plan_generation
-    reused = (plan is not None and not spec.elastic.scale_up
-              and plan_generation == run.status.plan_generation and plan_fits(plan, discovery))
+    reused = (
+        plan is not None
+        and not spec.elastic.scale_up
+        and plan_generation == run.status.plan_generation
+        and plan_fits(plan, discovery)
+    )
     if not reused:
         outcome = make_plan(spec, obs.job.name, discovery, run.env.catalog, run.env.planner)
         if outcome.plan is None:
@@ -322,8 +367,14 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
     assert plan is not None
     if run.status.generation > 0:
         reason = "PlanKept" if reused else "Replanned"
-        run.events.append(Event("Normal", reason, f"plan generation {plan_generation}: "
-                                f"{grades_column(plan)}, {plan.world_size} ranks"))
+        run.events.append(
+            Event(
+                "Normal",
+                reason,
+                f"plan generation {plan_generation}: "
+                f"{grades_column(plan)}, {plan.world_size} ranks",
+            )
+        )
     _launch(run, spec, plan, plan_generation, run.status.generation + 1, planned=not reused)
 
 
@@ -334,8 +385,15 @@ def _wait(run: _Pass, reason: str, message: str) -> None:
     run.requeue(run.env.config.resync_seconds)
 
 
-def _launch(run: _Pass, spec: MoEJobSpec, plan: Plan, plan_generation: int, generation: int,
-            *, planned: bool = False) -> None:
+def _launch(
+    run: _Pass,
+    spec: MoEJobSpec,
+    plan: Plan,
+    plan_generation: int,
+    generation: int,
+    *,
+    planned: bool = False,
+) -> None:
     """Create (the missing) pods of ``generation`` and record it in status."""
     obs = run.obs
     run.update(plan_generation=plan_generation)
@@ -350,30 +408,40 @@ def _launch(run: _Pass, spec: MoEJobSpec, plan: Plan, plan_generation: int, gene
         run.cond("Planned", "True", "PlanReady", f"plan generation {plan_generation}: {summary}")
     elif condition(run.status.conditions, "Planned") is None:
         run.cond("Planned", "True", "PlanKept", f"plan generation {plan_generation}: {summary}")
-    run.cond("Ready", "False", "WorkersCreating", f"generation {generation}: creating "
-             f"{len(pods)} worker pods")
-    run.update(generation=generation, plan=plan_status(plan, name),
-               grades=grades_column(plan), restart_after=None,
-               start_time=run.status.start_time or rfc3339(obs.now))
+    run.cond(
+        "Ready",
+        "False",
+        "WorkersCreating",
+        f"generation {generation}: creating {len(pods)} worker pods",
+    )
+    run.update(
+        generation=generation,
+        plan=plan_status(plan, name),
+        grades=grades_column(plan),
+        restart_after=None,
+        start_time=run.status.start_time or rfc3339(obs.now),
+    )
     if run.status.phase != "Restarting":
         run.phase("Planning", "PlanReady", f"generation {generation}: {summary}")
     run.requeue(run.env.config.resync_seconds)
 
 
-def _pod_context(run: _Pass, spec: MoEJobSpec, plan: Plan,
-                 generation: int | None = None) -> PodContext:
+def _pod_context(
+    run: _Pass, spec: MoEJobSpec, plan: Plan, generation: int | None = None
+) -> PodContext:
     catalog, config = run.env.catalog, run.env.config
     resource_names = {g.name: g.resource_name for g in catalog.grades} if catalog else {}
     for rank in plan.ranks:
         resource_names.setdefault(rank.grade, "nvidia.com/gpu")
     resource = next(iter(resource_names.values()), "nvidia.com/gpu")
     return PodContext(
-        job=run.obs.job, spec=spec,
+        job=run.obs.job,
+        spec=spec,
         generation=run.status.generation if generation is None else generation,
-        plan_generation=run.status.plan_generation, ports=config.worker_ports,
-        resource_names=resource_names, pool_label=config.pool_label,
+        plan_generation=run.status.plan_generation,
+        ports=config.worker_ports,
+        resource_names=resource_names,
+        pool_label=config.pool_label,
         tolerations=worker_tolerations(resource, config),
         excluded_nodes=tuple(run.status.excluded_nodes),
     )
-
-

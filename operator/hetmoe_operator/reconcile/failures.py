@@ -43,8 +43,9 @@ class Verdict:
     """Catalogue reason (``hetmoe_operator.api.reasons``)."""
 
 
-def detect(pods: Sequence[PodObs], expected: Sequence[str], nodes: Mapping[str, bool]
-           ) -> list[Failure]:
+def detect(
+    pods: Sequence[PodObs], expected: Sequence[str], nodes: Mapping[str, bool]
+) -> list[Failure]:
     """Failures among the current generation's pods, most specific first.
 
     A failed container (with its exit code) beats a lost node, which beats a pod that
@@ -54,15 +55,16 @@ def detect(pods: Sequence[PodObs], expected: Sequence[str], nodes: Mapping[str, 
     exits, lost, gone = [], [], []
     for pod in pods:
         if pod.phase == "Failed":
-            exits.append(Failure(pod.name, pod.node, pod.exit_code, pod.reason or "Error",
-                                 pod.message))
+            exits.append(
+                Failure(pod.name, pod.node, pod.exit_code, pod.reason or "Error", pod.message)
+            )
         elif pod.node and pod.phase != "Succeeded" and not nodes.get(pod.node, False):
             state = "was deleted" if pod.node not in nodes else "is NotReady"
-            lost.append(Failure(pod.name, pod.node, None, NODE_LOST,
-                                f"node {pod.node} {state}"))
+            lost.append(Failure(pod.name, pod.node, None, NODE_LOST, f"node {pod.node} {state}"))
         elif pod.deleting and pod.phase != "Succeeded":
-            gone.append(Failure(pod.name, pod.node, None, "Deleted",
-                                "the pod was deleted while running"))
+            gone.append(
+                Failure(pod.name, pod.node, None, "Deleted", "the pod was deleted while running")
+            )
     for name in expected:
         if name not in by_name:
             gone.append(Failure(name, "", None, "Deleted", "the pod disappeared"))

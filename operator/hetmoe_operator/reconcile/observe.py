@@ -60,8 +60,10 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
     except (KeyError, ValueError):
         return None
     status = pod.get("status") or {}
-    exit_code, reason, message = None, str(status.get("reason") or ""), str(
-        status.get("message") or ""
+    exit_code, reason, message = (
+        None,
+        str(status.get("reason") or ""),
+        str(status.get("message") or ""),
     )
     for container in status.get("containerStatuses") or ():
         terminated = (container.get("state") or {}).get("terminated")

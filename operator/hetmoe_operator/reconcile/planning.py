@@ -47,8 +47,12 @@ def plan_fits(plan: Plan, discovery: Discovery) -> bool:
     grades = {r.pool: r.grade for r in plan.ranks}
     for pool, (nodes, widest) in pool_needs(plan).items():
         have = pools.get(pool)
-        if (have is None or have.grade != grades[pool] or have.nodes < nodes
-                or have.devices_per_node < widest):
+        if (
+            have is None
+            or have.grade != grades[pool]
+            or have.nodes < nodes
+            or have.devices_per_node < widest
+        ):
             return False
     return True
 
@@ -61,14 +65,25 @@ def trim(pools: tuple[NodePool, ...], max_nodes: int | None) -> list[NodePool]:
             largest = max(sorted(counts), key=lambda n: counts[n])
             counts[largest] -= 1
     return [
-        NodePool(name=p.name, grade=p.grade, nodes=counts[p.name],
-                 devices_per_node=p.devices_per_node, node_names=p.node_names[: counts[p.name]])
-        for p in pools if counts[p.name] > 0
+        NodePool(
+            name=p.name,
+            grade=p.grade,
+            nodes=counts[p.name],
+            devices_per_node=p.devices_per_node,
+            node_names=p.node_names[: counts[p.name]],
+        )
+        for p in pools
+        if counts[p.name] > 0
     ]
 
 
-def make_plan(spec: MoEJobSpec, job_name: str, discovery: Discovery, catalog: DeviceCatalog,
-              planner: PlanFunction) -> PlanOutcome:
+def make_plan(
+    spec: MoEJobSpec,
+    job_name: str,
+    discovery: Discovery,
+    catalog: DeviceCatalog,
+    planner: PlanFunction,
+) -> PlanOutcome:
     """Call the planner on the usable capacity, translating every refusal into words."""
     short = below_min_nodes(discovery, spec.pools)
     if short:
@@ -76,7 +91,8 @@ def make_plan(spec: MoEJobSpec, job_name: str, discovery: Discovery, catalog: De
     usable = sum(p.nodes for p in discovery.pools)
     if spec.elastic.min_nodes and usable < spec.elastic.min_nodes:
         return PlanOutcome(
-            None, "WaitingForCapacity",
+            None,
+            "WaitingForCapacity",
             f"elastic.minNodes is {spec.elastic.min_nodes} but only {usable} whole node(s) "
             f"are usable ({discovery.summary()})",
         )
@@ -86,16 +102,19 @@ def make_plan(spec: MoEJobSpec, job_name: str, discovery: Discovery, catalog: De
         return PlanOutcome(None, reason, f"no usable nodes: {discovery.summary()}")
     cluster = ClusterDescription(catalog=catalog, pools=pools)
     try:
-        plan = planner(spec.model.resolve(), spec.training, cluster, spec.placement,
-                       job_name=job_name)
+        plan = planner(
+            spec.model.resolve(), spec.training, cluster, spec.placement, job_name=job_name
+        )
     except PlanningError as error:
         transient = error.constraint in TRANSIENT_CONSTRAINTS
         reason = "WaitingForCapacity" if transient else "PlanInfeasible"
-        return PlanOutcome(None, reason, f"{error.message} (usable: {discovery.summary()})",
-                           transient)
+        return PlanOutcome(
+            None, reason, f"{error.message} (usable: {discovery.summary()})", transient
+        )
     except Exception as error:  # a planner bug must not crash-loop the operator
-        return PlanOutcome(None, "PlanInfeasible",
-                           f"planner error {type(error).__name__}: {error}", True)
+        return PlanOutcome(
+            None, "PlanInfeasible", f"planner error {type(error).__name__}: {error}", True
+        )
     return PlanOutcome(plan)
 
 
@@ -108,12 +127,17 @@ def plan_status(plan: Plan, config_map: str) -> PlanStatus:
     if summaries:
         pools = [
             PoolPlanStatus(
-                pool=s.pool, grade=s.grade, nodes=s.nodes, devices=s.devices,
-                stages=list(s.stages), layers=s.layers,
+                pool=s.pool,
+                grade=s.grade,
+                nodes=s.nodes,
+                devices=s.devices,
+                stages=list(s.stages),
+                layers=s.layers,
                 experts_per_device=s.experts_per_device,
                 predicted_tokens_per_second=s.predicted_tokens_per_s,
                 predicted_cost_per_1t_tokens=per_1t * s.cost_per_hour / total_cost
-                if total_cost else 0.0,
+                if total_cost
+                else 0.0,
             )
             for s in summaries
         ]
@@ -139,8 +163,13 @@ def _pools_from_ranks(plan: Plan) -> list[PoolPlanStatus]:
         stages.setdefault(rank.pool, set()).add(rank.stage)
         devices[rank.pool] = devices.get(rank.pool, 0) + 1
     return [
-        PoolPlanStatus(pool=pool, grade=grades[pool], nodes=nodes, devices=devices[pool],
-                       stages=sorted(stages[pool]))
+        PoolPlanStatus(
+            pool=pool,
+            grade=grades[pool],
+            nodes=nodes,
+            devices=devices[pool],
+            stages=sorted(stages[pool]),
+        )
         for pool, (nodes, _) in pool_needs(plan).items()
     ]
 

@@ -28,8 +28,12 @@ GROUP, VERSION, PLURAL = "hetmoe.io", "v1alpha1", "moejobs"
 T = TypeVar("T")
 
 
-def eventually(probe: Callable[[], T | None], timeout: float = 60.0, what: str = "condition",
-               interval: float = 0.2) -> T:
+def eventually(
+    probe: Callable[[], T | None],
+    timeout: float = 60.0,
+    what: str = "condition",
+    interval: float = 0.2,
+) -> T:
     """Poll ``probe`` until it returns something truthy."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -44,8 +48,17 @@ def eventually(probe: Callable[[], T | None], timeout: float = 60.0, what: str =
 def operator_argv(metrics_port: int) -> list[str]:
     """``hetmoe operator`` when the console script works, else the operator module."""
     catalog = REFERENCE_CATALOG if REFERENCE_CATALOG.exists() else TEST_CATALOG
-    args = ["operator", "--catalog", str(catalog), "--metrics-port", str(metrics_port),
-            "--resync-seconds", "2", "--progress-poll-seconds", "2"]
+    args = [
+        "operator",
+        "--catalog",
+        str(catalog),
+        "--metrics-port",
+        str(metrics_port),
+        "--resync-seconds",
+        "2",
+        "--progress-poll-seconds",
+        "2",
+    ]
     script = Path(sys.executable).parent / "hetmoe"
     probe = subprocess.run([str(script), "operator", "--help"], capture_output=True)
     if probe.returncode == 0:
@@ -70,8 +83,13 @@ class OperatorProcess:
         log = (self.log_dir / f"operator-{self.starts}.log").open("wb")
         env = {**os.environ, "KUBECONFIG": str(self.plane.kubeconfig)}
         self.process = subprocess.Popen(
-            [*operator_argv(free_port()), *self.extra], stdout=log, stderr=subprocess.STDOUT,
-            env=env, start_new_session=True, cwd=REPO)
+            [*operator_argv(free_port()), *self.extra],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+            cwd=REPO,
+        )
 
     def kill(self) -> None:
         """SIGKILL: the hardest stop (no cleanup, no finalizer removal)."""
@@ -100,14 +118,16 @@ class OperatorProcess:
 def moejob_crd(control_plane: ControlPlane) -> Path:
     """The committed CRD, installed and Established."""
     control_plane.kubectl("apply", "--server-side", "-f", str(CRD))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/moejobs.hetmoe.io")
+    control_plane.kubectl(
+        "wait", "--for=condition=Established", "--timeout=60s", "crd/moejobs.hetmoe.io"
+    )
     return CRD
 
 
 @pytest.fixture(scope="session")
-def operator(control_plane: ControlPlane, moejob_crd: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+def operator(
+    control_plane: ControlPlane, moejob_crd: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[OperatorProcess]:
     """One operator for the session (tests that kill it start it again)."""
     process = OperatorProcess(control_plane, tmp_path_factory.mktemp("operator"))
     process.start()
@@ -146,34 +166,46 @@ def job_manifest(name: str, **spec: Any) -> dict[str, Any]:
         "checkpoint": {"volume": {"hostPath": "/var/lib/hetmoe/checkpoints"}},
     }
     body.update(spec)
-    return {"apiVersion": f"{GROUP}/{VERSION}", "kind": "MoEJob",
-            "metadata": {"name": name}, "spec": body}
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "MoEJob",
+        "metadata": {"name": name},
+        "spec": body,
+    }
 
 
 def create_job(client: ApiClient, namespace: str, manifest: dict[str, Any]) -> None:
-    CustomObjectsApi(client).create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL,
-                                                             manifest)
+    CustomObjectsApi(client).create_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL, manifest
+    )
 
 
 def get_job(client: ApiClient, namespace: str, name: str) -> dict[str, Any]:
-    return dict(CustomObjectsApi(client).get_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name))
+    return dict(
+        CustomObjectsApi(client).get_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
+    )
 
 
 def patch_spec(client: ApiClient, namespace: str, name: str, spec: dict[str, Any]) -> None:
     CustomObjectsApi(client).patch_namespaced_custom_object(
-        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec})
+        GROUP, VERSION, namespace, PLURAL, name, {"spec": spec}
+    )
 
 
 def job_pods(client: ApiClient, namespace: str, name: str) -> list[dict[str, Any]]:
     response = CoreV1Api(client).list_namespaced_pod(
-        namespace, label_selector=f"hetmoe.io/job={name}", _preload_content=False)
+        namespace, label_selector=f"hetmoe.io/job={name}", _preload_content=False
+    )
     return list(json.loads(response.data)["items"])
 
 
-def wait_phase(client: ApiClient, namespace: str, name: str, phase: str,
-               timeout: float = 60.0, **expect: Any) -> dict[str, Any]:
+def wait_phase(
+    client: ApiClient, namespace: str, name: str, phase: str, timeout: float = 60.0, **expect: Any
+) -> dict[str, Any]:
     """The job once its status phase is ``phase`` and every ``expect`` field matches."""
+
     def probe() -> dict[str, Any] | None:
         status = get_job(client, namespace, name).get("status") or {}
         if status.get("phase") != phase:
@@ -188,8 +220,9 @@ def wait_phase(client: ApiClient, namespace: str, name: str, phase: str,
 def delete_job(client: ApiClient, namespace: str, name: str, timeout: float = 60.0) -> None:
     """Delete a job and wait until it and its pods are gone."""
     try:
-        CustomObjectsApi(client).delete_namespaced_custom_object(GROUP, VERSION, namespace,
-                                                                 PLURAL, name)
+        CustomObjectsApi(client).delete_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, name
+        )
     except ApiException as error:
         if error.status != 404:
             raise
@@ -213,8 +246,9 @@ def node_grade(client: ApiClient, node: str) -> str:
 def fail_pod(plane: ControlPlane, namespace: str, pod: str, exit_code: int = 1) -> None:
     """kwok chaos stage: the container of a Running pod fails with ``exit_code``."""
     key = "pod-container-running-failed.stage.kwok.x-k8s.io"
-    plane.kubectl("-n", namespace, "annotate", "--overwrite", "pod", pod,
-                  f"{key}/exit-code={exit_code}")
+    plane.kubectl(
+        "-n", namespace, "annotate", "--overwrite", "pod", pod, f"{key}/exit-code={exit_code}"
+    )
     plane.kubectl("-n", namespace, "label", "--overwrite", "pod", pod, f"{key}=true")
 
 

@@ -33,15 +33,25 @@ COUNTER = itertools.count()
 specs = st.fixed_dictionaries(
     {
         "model": st.one_of(
-            st.fixed_dictionaries({"preset": st.sampled_from(["tiny", "ling-lite", "ling-plus",
-                                                              "bogus"])}),
-            st.fixed_dictionaries({"architecture": st.fixed_dictionaries({
-                "num_hidden_layers": st.integers(0, 8), "hidden_size": st.sampled_from([64, 96]),
-                "num_attention_heads": st.sampled_from([2, 3, 4]),
-                "num_key_value_heads": st.sampled_from([1, 2]),
-                "num_experts": st.integers(1, 16), "num_experts_per_tok": st.integers(1, 4),
-                "moe_intermediate_size": st.sampled_from([16, 32]), "vocab_size": st.just(256),
-            })}),
+            st.fixed_dictionaries(
+                {"preset": st.sampled_from(["tiny", "ling-lite", "ling-plus", "bogus"])}
+            ),
+            st.fixed_dictionaries(
+                {
+                    "architecture": st.fixed_dictionaries(
+                        {
+                            "num_hidden_layers": st.integers(0, 8),
+                            "hidden_size": st.sampled_from([64, 96]),
+                            "num_attention_heads": st.sampled_from([2, 3, 4]),
+                            "num_key_value_heads": st.sampled_from([1, 2]),
+                            "num_experts": st.integers(1, 16),
+                            "num_experts_per_tok": st.integers(1, 4),
+                            "moe_intermediate_size": st.sampled_from([16, 32]),
+                            "vocab_size": st.just(256),
+                        }
+                    )
+                }
+            ),
         ),
         "training": st.fixed_dictionaries(
             {"globalBatchSize": st.integers(-1, 64), "sequenceLength": st.sampled_from([1, 64])},
@@ -50,34 +60,54 @@ specs = st.fixed_dictionaries(
         "checkpoint": st.just({"volume": {"emptyDir": True}}),
     },
     optional={
-        "pools": st.lists(st.one_of(
-            st.fixed_dictionaries({"name": st.sampled_from(["pool-a", "pool-b", "pool-d",
-                                                            "nope", "BAD"])}),
-            st.fixed_dictionaries({"selector": st.just({"hetmoe.io/accelerator": "B"})}),
-        ), max_size=3),
-        "placement": st.fixed_dictionaries({}, optional={
-            "objective": st.sampled_from(["throughput", "cost", "throughput-under-budget"]),
-            "expertParallel": st.integers(1, 5), "pipelineParallel": st.integers(1, 4),
-            "timeLimitSeconds": st.sampled_from([0.5, 2]),
-        }),
-        "elastic": st.fixed_dictionaries({}, optional={
-            "maxRestarts": st.integers(-1, 3), "minNodes": st.integers(1, 9),
-            "maxNodes": st.integers(1, 9),
-        }),
+        "pools": st.lists(
+            st.one_of(
+                st.fixed_dictionaries(
+                    {"name": st.sampled_from(["pool-a", "pool-b", "pool-d", "nope", "BAD"])}
+                ),
+                st.fixed_dictionaries({"selector": st.just({"hetmoe.io/accelerator": "B"})}),
+            ),
+            max_size=3,
+        ),
+        "placement": st.fixed_dictionaries(
+            {},
+            optional={
+                "objective": st.sampled_from(["throughput", "cost", "throughput-under-budget"]),
+                "expertParallel": st.integers(1, 5),
+                "pipelineParallel": st.integers(1, 4),
+                "timeLimitSeconds": st.sampled_from([0.5, 2]),
+            },
+        ),
+        "elastic": st.fixed_dictionaries(
+            {},
+            optional={
+                "maxRestarts": st.integers(-1, 3),
+                "minNodes": st.integers(1, 9),
+                "maxNodes": st.integers(1, 9),
+            },
+        ),
         "suspend": st.booleans(),
     },
 )
 
 
-@settings(max_examples=12, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=12,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(spec=specs)
 def test_fuzzed_specs_never_crash_the_operator_or_leave_half_created_jobs(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        spec: dict[str, Any]) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, spec: dict[str, Any]
+) -> None:
     name = f"fuzz-{next(COUNTER)}"
-    manifest = {"apiVersion": "hetmoe.io/v1alpha1", "kind": "MoEJob",
-                "metadata": {"name": name}, "spec": spec}
+    manifest = {
+        "apiVersion": "hetmoe.io/v1alpha1",
+        "kind": "MoEJob",
+        "metadata": {"name": name},
+        "spec": spec,
+    }
     try:
         create_job(kube_api, namespace, manifest)
     except ApiException as error:
@@ -85,6 +115,7 @@ def test_fuzzed_specs_never_crash_the_operator_or_leave_half_created_jobs(
         assert "spec" in error.body
         return
     try:
+
         def settled() -> dict[str, Any] | None:
             status = get_job(kube_api, namespace, name).get("status") or {}
             return status if status.get("phase") in PHASES else None
@@ -95,11 +126,15 @@ def test_fuzzed_specs_never_crash_the_operator_or_leave_half_created_jobs(
             raise AssertionError(f"{error}\noperator log:\n{operator.log_tail(80)}") from None
         pods = job_pods(kube_api, namespace, name)
         if pods:
+
             def complete() -> bool:
                 current = get_job(kube_api, namespace, name)["status"]
                 gen = str(current.get("generation"))
-                live = [p for p in job_pods(kube_api, namespace, name)
-                        if p["metadata"]["labels"]["hetmoe.io/generation"] == gen]
+                live = [
+                    p
+                    for p in job_pods(kube_api, namespace, name)
+                    if p["metadata"]["labels"]["hetmoe.io/generation"] == gen
+                ]
                 planned = sum(p["nodes"] for p in (current.get("plan") or {}).get("pools", []))
                 return len(live) == planned
 

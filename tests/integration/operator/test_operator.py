@@ -36,16 +36,20 @@ def running_job(kube_api: ApiClient, namespace: str, name: str, **spec: Any) -> 
     return wait_phase(kube_api, namespace, name, "Running", timeout=90)
 
 
-def current_pods(kube_api: ApiClient, namespace: str, name: str, generation: int
-                 ) -> list[dict[str, Any]]:
-    return [p for p in job_pods(kube_api, namespace, name)
-            if p["metadata"]["labels"]["hetmoe.io/generation"] == str(generation)
-            and not p["metadata"].get("deletionTimestamp")]
+def current_pods(
+    kube_api: ApiClient, namespace: str, name: str, generation: int
+) -> list[dict[str, Any]]:
+    return [
+        p
+        for p in job_pods(kube_api, namespace, name)
+        if p["metadata"]["labels"]["hetmoe.io/generation"] == str(generation)
+        and not p["metadata"].get("deletionTimestamp")
+    ]
 
 
 def test_apply_creates_pods_on_the_planned_grades_and_runs(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        control_plane: ControlPlane) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
     status = running_job(kube_api, namespace, "place")
     plan = status["plan"]
     pools = {p["pool"]: p for p in plan["pools"]}
@@ -61,50 +65,65 @@ def test_apply_creates_pods_on_the_planned_grades_and_runs(
     assert "Running" in table and status["grades"] in table
     ready = next(c for c in status["conditions"] if c["type"] == "Ready")
     assert (ready["status"], ready["reason"], ready["observedGeneration"]) == (
-        "True", "WorkersRunning", 1)
+        "True",
+        "WorkersRunning",
+        1,
+    )
     delete_job(kube_api, namespace, "place")
 
 
 def test_pod_failure_restarts_once_with_the_cause_in_status(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        control_plane: ControlPlane) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
     status = running_job(kube_api, namespace, "flaky")
     victim = current_pods(kube_api, namespace, "flaky", 1)[0]
     fail_pod(control_plane, namespace, victim["metadata"]["name"], exit_code=3)
-    status = wait_phase(kube_api, namespace, "flaky", "Running", timeout=90, restarts=1,
-                        generation=2)
+    status = wait_phase(
+        kube_api, namespace, "flaky", "Running", timeout=90, restarts=1, generation=2
+    )
     failure = status["lastFailure"]
     assert failure["pod"] == victim["metadata"]["name"]
     assert failure["node"] == victim["spec"]["nodeName"]
-    assert (failure["exitCode"], failure["cause"], failure["action"]) == (3, "WorkerFailed",
-                                                                          "restart")
+    assert (failure["exitCode"], failure["cause"], failure["action"]) == (
+        3,
+        "WorkerFailed",
+        "restart",
+    )
     assert not current_pods(kube_api, namespace, "flaky", 1)
-    events = control_plane.kubectl("-n", namespace, "get", "events",
-                                   "--field-selector", "involvedObject.name=flaky").stdout
+    events = control_plane.kubectl(
+        "-n", namespace, "get", "events", "--field-selector", "involvedObject.name=flaky"
+    ).stdout
     assert "WorkerFailed" in events and "PlanKept" in events
     delete_job(kube_api, namespace, "flaky")
 
 
 def test_exceeding_max_restarts_fails_with_the_cause(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        control_plane: ControlPlane) -> None:
-    running_job(kube_api, namespace, "doomed",
-                elastic={"maxRestarts": 0, "backoffSeconds": 0})
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
+    running_job(kube_api, namespace, "doomed", elastic={"maxRestarts": 0, "backoffSeconds": 0})
     victim = current_pods(kube_api, namespace, "doomed", 1)[0]["metadata"]["name"]
     fail_pod(control_plane, namespace, victim, exit_code=2)
     status = wait_phase(kube_api, namespace, "doomed", "Failed", timeout=60)
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "MaxRestartsExceeded"
     assert victim in failed["message"] and "code 2" in failed["message"]
-    eventually(lambda: all(p["status"]["phase"] != "Running" or p["metadata"].get(
-        "deletionTimestamp") for p in job_pods(kube_api, namespace, "doomed")) or None,
-               30, "survivors stopped")
+    eventually(
+        lambda: (
+            all(
+                p["status"]["phase"] != "Running" or p["metadata"].get("deletionTimestamp")
+                for p in job_pods(kube_api, namespace, "doomed")
+            )
+            or None
+        ),
+        30,
+        "survivors stopped",
+    )
     delete_job(kube_api, namespace, "doomed")
 
 
 def test_node_deletion_replans_on_the_remaining_nodes(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        cluster_topology: Topology) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, cluster_topology: Topology
+) -> None:
     status = running_job(kube_api, namespace, "shrink", pools=[{"name": "pool-a"}])
     pods = current_pods(kube_api, namespace, "shrink", 1)
     lost = pods[0]["spec"]["nodeName"]
@@ -125,7 +144,8 @@ def test_node_deletion_replans_on_the_remaining_nodes(
 
 
 def test_suspend_stops_workers_and_resume_continues(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str
+) -> None:
     running_job(kube_api, namespace, "pausable")
     patch_spec(kube_api, namespace, "pausable", {"suspend": True})
     wait_phase(kube_api, namespace, "pausable", "Suspended", timeout=60)
@@ -137,28 +157,57 @@ def test_suspend_stops_workers_and_resume_continues(
 
 
 def test_delete_garbage_collects_children_but_not_the_checkpoint_claim(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str
+) -> None:
     core = CoreV1Api(kube_api)
     pv_name = f"{namespace}-ckpt"
-    core.create_persistent_volume({
-        "metadata": {"name": pv_name},
-        "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"],
-                 "storageClassName": "", "hostPath": {"path": f"/tmp/{pv_name}"},
-                 "claimRef": {"namespace": namespace, "name": "ckpt"}}})
-    core.create_namespaced_persistent_volume_claim(namespace, {
-        "metadata": {"name": "ckpt"},
-        "spec": {"accessModes": ["ReadWriteMany"], "storageClassName": "",
-                 "volumeName": pv_name, "resources": {"requests": {"storage": "1Gi"}}}})
+    core.create_persistent_volume(
+        {
+            "metadata": {"name": pv_name},
+            "spec": {
+                "capacity": {"storage": "1Gi"},
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "hostPath": {"path": f"/tmp/{pv_name}"},
+                "claimRef": {"namespace": namespace, "name": "ckpt"},
+            },
+        }
+    )
+    core.create_namespaced_persistent_volume_claim(
+        namespace,
+        {
+            "metadata": {"name": "ckpt"},
+            "spec": {
+                "accessModes": ["ReadWriteMany"],
+                "storageClassName": "",
+                "volumeName": pv_name,
+                "resources": {"requests": {"storage": "1Gi"}},
+            },
+        },
+    )
     try:
-        running_job(kube_api, namespace, "gc",
-                    checkpoint={"volume": {"persistentVolumeClaim": "ckpt"}})
+        running_job(
+            kube_api, namespace, "gc", checkpoint={"volume": {"persistentVolumeClaim": "ckpt"}}
+        )
         assert core.read_namespaced_config_map("gc-plan", namespace)
         assert core.read_namespaced_service("gc", namespace)
         delete_job(kube_api, namespace, "gc")
-        eventually(lambda: not core.list_namespaced_config_map(
-            namespace, label_selector="hetmoe.io/job=gc").items, 60, "plan ConfigMap GC")
-        eventually(lambda: not core.list_namespaced_service(
-            namespace, label_selector="hetmoe.io/job=gc").items, 60, "Service GC")
+        eventually(
+            lambda: (
+                not core.list_namespaced_config_map(
+                    namespace, label_selector="hetmoe.io/job=gc"
+                ).items
+            ),
+            60,
+            "plan ConfigMap GC",
+        )
+        eventually(
+            lambda: (
+                not core.list_namespaced_service(namespace, label_selector="hetmoe.io/job=gc").items
+            ),
+            60,
+            "Service GC",
+        )
         claim = core.read_namespaced_persistent_volume_claim("ckpt", namespace)
         assert claim.metadata.deletion_timestamp is None
     finally:
@@ -166,42 +215,73 @@ def test_delete_garbage_collects_children_but_not_the_checkpoint_claim(
 
 
 def test_operator_killed_mid_reconcile_converges_without_duplicates(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str
+) -> None:
     names = [f"crash-{i}" for i in range(3)]
     for name in names:
         create_job(kube_api, namespace, job_manifest(name))
-    eventually(lambda: any(job_pods(kube_api, namespace, n) for n in names), 30,
-               "first pods created")
+    eventually(
+        lambda: any(job_pods(kube_api, namespace, n) for n in names), 30, "first pods created"
+    )
     operator.kill()
     operator.start()
     for name in names:
         status = wait_phase(kube_api, namespace, name, "Running", timeout=120)
         pods = job_pods(kube_api, namespace, name)
-        assert all(p["metadata"]["labels"]["hetmoe.io/generation"] == str(status["generation"])
-                   for p in pods), "no orphaned pod of another generation"
-        seats = [(p["metadata"]["labels"]["hetmoe.io/pool"],
-                  p["metadata"]["labels"]["hetmoe.io/node-slot"]) for p in pods]
+        assert all(
+            p["metadata"]["labels"]["hetmoe.io/generation"] == str(status["generation"])
+            for p in pods
+        ), "no orphaned pod of another generation"
+        seats = [
+            (
+                p["metadata"]["labels"]["hetmoe.io/pool"],
+                p["metadata"]["labels"]["hetmoe.io/node-slot"],
+            )
+            for p in pods
+        ]
         assert len(seats) == len(set(seats)) == sum(p["nodes"] for p in status["plan"]["pools"])
     for name in names:
         delete_job(kube_api, namespace, name)
 
 
-@pytest.mark.parametrize("patch,expected", [
-    ({"training": None}, "spec.training: Required value"),
-    ({"model": {"preset": "tiny", "architecture": {
-        "num_hidden_layers": 2, "hidden_size": 64, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "num_experts": 4, "num_experts_per_tok": 2,
-        "moe_intermediate_size": 32, "vocab_size": 128}}},
-     "set exactly one of model.preset and model.architecture"),
-    ({"placement": {"objective": "fastest"}}, "spec.placement.objective: Unsupported value"),
-    ({"elastic": {"maxRestarts": -1}}, "spec.elastic.maxRestarts"),
-    ({"pools": [{"name": "Bad_Name"}]}, "spec.pools[0].name"),
-    ({"checkpoint": {"volume": {"emptyDir": True, "hostPath": "/x"}}},
-     "exactly one of persistentVolumeClaim, hostPath, emptyDir"),
-])
+@pytest.mark.parametrize(
+    "patch,expected",
+    [
+        ({"training": None}, "spec.training: Required value"),
+        (
+            {
+                "model": {
+                    "preset": "tiny",
+                    "architecture": {
+                        "num_hidden_layers": 2,
+                        "hidden_size": 64,
+                        "num_attention_heads": 4,
+                        "num_key_value_heads": 2,
+                        "num_experts": 4,
+                        "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32,
+                        "vocab_size": 128,
+                    },
+                }
+            },
+            "set exactly one of model.preset and model.architecture",
+        ),
+        ({"placement": {"objective": "fastest"}}, "spec.placement.objective: Unsupported value"),
+        ({"elastic": {"maxRestarts": -1}}, "spec.elastic.maxRestarts"),
+        ({"pools": [{"name": "Bad_Name"}]}, "spec.pools[0].name"),
+        (
+            {"checkpoint": {"volume": {"emptyDir": True, "hostPath": "/x"}}},
+            "exactly one of persistentVolumeClaim, hostPath, emptyDir",
+        ),
+    ],
+)
 def test_malformed_manifests_are_rejected_with_the_field_path(
-        moejob_crd: Any, control_plane: ControlPlane, namespace: str,
-        patch: dict[str, Any], expected: str) -> None:
+    moejob_crd: Any,
+    control_plane: ControlPlane,
+    namespace: str,
+    patch: dict[str, Any],
+    expected: str,
+) -> None:
     import json
 
     manifest = job_manifest("bad")
@@ -210,59 +290,97 @@ def test_malformed_manifests_are_rejected_with_the_field_path(
             manifest["spec"].pop(key)
         else:
             manifest["spec"][key] = value
-    result = control_plane.kubectl("-n", namespace, "apply", "-f", "-",
-                                   input=json.dumps(manifest), check=False)
+    result = control_plane.kubectl(
+        "-n", namespace, "apply", "-f", "-", input=json.dumps(manifest), check=False
+    )
     assert result.returncode != 0
     assert expected in result.stderr, result.stderr
 
 
 def test_model_and_training_are_immutable(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        control_plane: ControlPlane) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
     create_job(kube_api, namespace, job_manifest("frozen", suspend=True))
     result = control_plane.kubectl(
-        "-n", namespace, "patch", "mj", "frozen", "--type=merge",
-        "-p", '{"spec":{"model":{"preset":"ling-lite"}}}', check=False)
+        "-n",
+        namespace,
+        "patch",
+        "mj",
+        "frozen",
+        "--type=merge",
+        "-p",
+        '{"spec":{"model":{"preset":"ling-lite"}}}',
+        check=False,
+    )
     assert result.returncode != 0 and "model is immutable" in result.stderr
     result = control_plane.kubectl(
-        "-n", namespace, "patch", "mj", "frozen", "--type=merge",
-        "-p", '{"spec":{"elastic":{"maxRestarts":5}}}')
+        "-n",
+        namespace,
+        "patch",
+        "mj",
+        "frozen",
+        "--type=merge",
+        "-p",
+        '{"spec":{"elastic":{"maxRestarts":5}}}',
+    )
     assert result.returncode == 0
 
 
 def test_impossible_job_waits_with_an_actionable_message(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str) -> None:
-    create_job(kube_api, namespace, job_manifest(
-        "huge", model={"preset": "ling-plus"},
-        training={"steps": 10, "globalBatchSize": 64, "sequenceLength": 4096}))
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str
+) -> None:
+    create_job(
+        kube_api,
+        namespace,
+        job_manifest(
+            "huge",
+            model={"preset": "ling-plus"},
+            training={"steps": 10, "globalBatchSize": 64, "sequenceLength": 4096},
+        ),
+    )
 
     def planned_false() -> dict[str, Any] | None:
         status = get_job(kube_api, namespace, "huge").get("status") or {}
-        return next((c for c in status.get("conditions") or ()
-                     if c["type"] == "Planned" and c["status"] == "False"), None)
+        return next(
+            (
+                c
+                for c in status.get("conditions") or ()
+                if c["type"] == "Planned" and c["status"] == "False"
+            ),
+            None,
+        )
 
     condition = eventually(planned_false, 60, "Planned=False")
     status = get_job(kube_api, namespace, "huge")["status"]
     assert status["phase"] in ("Pending", "Failed")
     assert condition["reason"] in ("WaitingForCapacity", "PlanInfeasible")
-    assert "ling-plus" in condition["message"] or "TiB" in condition["message"] or "GiB" in (
-        condition["message"])
+    assert (
+        "ling-plus" in condition["message"]
+        or "TiB" in condition["message"]
+        or "GiB" in (condition["message"])
+    )
     assert not job_pods(kube_api, namespace, "huge"), "nothing half-created"
     assert operator.alive()
 
 
 def test_status_command_shows_the_printer_column_truth(
-        operator: OperatorProcess, kube_api: ApiClient, namespace: str,
-        control_plane: ControlPlane) -> None:
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
     import os
     import sys
 
     status = running_job(kube_api, namespace, "shown")
-    code = ("import argparse,sys\nfrom hetmoe_operator.cli import status_command as s\n"
-            "p=argparse.ArgumentParser();s.register(p.add_subparsers())\n"
-            "a=p.parse_args(sys.argv[1:]);sys.exit(a.handler(a))")
-    out = subprocess.run([sys.executable, "-c", code, "status", "shown", "-n", namespace],
-                         capture_output=True, text=True, check=True,
-                         env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)}).stdout
+    code = (
+        "import argparse,sys\nfrom hetmoe_operator.cli import status_command as s\n"
+        "p=argparse.ArgumentParser();s.register(p.add_subparsers())\n"
+        "a=p.parse_args(sys.argv[1:]);sys.exit(a.handler(a))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, "status", "shown", "-n", namespace],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+    ).stdout
     assert "Running" in out and status["grades"] in out and "Planned" in out
     delete_job(kube_api, namespace, "shown")

@@ -23,18 +23,27 @@ pytestmark = pytest.mark.integration
 
 
 def test_standby_replica_takes_over_when_the_active_one_dies(
-        operator: OperatorProcess, control_plane: ControlPlane, kube_api: ApiClient,
-        namespace: str, tmp_path: Path) -> None:
+    operator: OperatorProcess,
+    control_plane: ControlPlane,
+    kube_api: ApiClient,
+    namespace: str,
+    tmp_path: Path,
+) -> None:
     control_plane.kubectl("apply", "-f", str(REPO / "crds" / "kopf-peering.yaml"))
-    control_plane.kubectl("wait", "--for=condition=Established",
-                          "crd/clusterkopfpeerings.kopf.dev")
-    control_plane.kubectl("apply", "-f", "-", input=(
-        "apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n  name: hetmoe\n"))
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/clusterkopfpeerings.kopf.dev")
+    control_plane.kubectl(
+        "apply",
+        "-f",
+        "-",
+        input=("apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n  name: hetmoe\n"),
+    )
     operator.stop()
-    active = OperatorProcess(control_plane, tmp_path / "a", ("--peering", "hetmoe",
-                                                            "--priority", "200"))
-    standby = OperatorProcess(control_plane, tmp_path / "b", ("--peering", "hetmoe",
-                                                             "--priority", "100"))
+    active = OperatorProcess(
+        control_plane, tmp_path / "a", ("--peering", "hetmoe", "--priority", "200")
+    )
+    standby = OperatorProcess(
+        control_plane, tmp_path / "b", ("--peering", "hetmoe", "--priority", "100")
+    )
     for replica in (active, standby):
         replica.log_dir.mkdir()
         replica.start()
@@ -44,8 +53,9 @@ def test_standby_replica_takes_over_when_the_active_one_dies(
         active.kill()
         victim = job_pods(kube_api, namespace, "peered")[0]["metadata"]["name"]
         fail_pod(control_plane, namespace, victim)
-        status = wait_phase(kube_api, namespace, "peered", "Running", timeout=120,
-                            restarts=1, generation=2)
+        status = wait_phase(
+            kube_api, namespace, "peered", "Running", timeout=120, restarts=1, generation=2
+        )
         assert status["lastFailure"]["pod"] == victim
         pods = job_pods(kube_api, namespace, "peered")
         assert len(pods) == sum(p["nodes"] for p in status["plan"]["pools"])
