@@ -1,0 +1,128 @@
+"""``hetmoe run`` end to end: real planner, builders, reconcile decisions, torchrun, trainer.
+
+The tiny example is shortened through a temporary copy of its manifest; everything
+else is what ``make run`` does.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.local.conftest import (
+    REPO,
+    RUN_TIMEOUT,
+    RunResult,
+    alive,
+    descendants,
+    hetmoe_argv,
+    kill_group,
+    run_hetmoe,
+    write_job,
+)
+
+from hetmoe_operator.local.telemetry import LATEST_POINTER, read_progress, read_train_log
+
+STOP_TIMEOUT = 120
+"""Ctrl-C to exit: SIGTERM, the trainer's grace to finish, SIGKILL for what is left."""
+
+
+def _final_line(result: RunResult) -> str:
+    lines = [line for line in result.stdout.splitlines() if line.startswith("job=")]
+    return lines[-1] if lines else ""
+
+
+def test_tiny_run_completes_and_the_loss_falls(tiny_baseline: RunResult) -> None:
+    result = tiny_baseline
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "phase=Succeeded" in _final_line(result)
+    records = read_train_log(result.run_dir / "checkpoints")
+    assert [r["step"] for r in records] == list(range(1, 17))
+    assert records[-1]["loss"] < records[0]["loss"]
+    plot = result.run_dir / "training.png"
+    assert plot.stat().st_size > 0
+    assert f"plot: {plot}" in result.stdout
+    assert "(simulated)" in result.stdout  # the summary labels simulated figures
+    assert "Traceback" not in result.stderr
+
+
+def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5)
+    run_dir = tmp_path / "run"
+    result = run_hetmoe(hetmoe_argv(job, run_dir, "--inject-fault", "rank=1,step=8"), run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = _final_line(result)
+    assert "phase=Succeeded" in final and "restarts=1" in final, final
+    assert "WorkerFailed" in result.stdout
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in _lines(run_dir / "checkpoints")
+    ]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] > 1, "the restarted generation did not resume from a checkpoint"
+    faulty = read_train_log(run_dir / "checkpoints")[-1]
+    clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
+    assert faulty["step"] == clean["step"] == 16
+    assert faulty["loss"] == clean["loss"]
+
+
+def _wait_for_step(
+    process: subprocess.Popen[bytes], checkpoints: Path, step: int, seen: set[int]
+) -> None:
+    """Until rank 0 reports ``step``; records every descendant process seen meanwhile."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    while time.monotonic() < deadline:
+        seen.update(descendants(process.pid))
+        progress = read_progress(checkpoints)
+        if progress is not None and progress.step >= step:
+            return
+        assert process.poll() is None, "hetmoe run ended before the step to interrupt at"
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached within {RUN_TIMEOUT}s")
+
+
+def test_ctrl_c_stops_every_process_and_the_same_command_resumes(tmp_path: Path) -> None:
+    job = write_job(tmp_path, name="tiny-stop", steps=30, interval=3)
+    run_dir = tmp_path / "run"
+    argv = hetmoe_argv(job, run_dir)
+    checkpoints = run_dir / "checkpoints"
+    seen: set[int] = set()
+    with (tmp_path / "first.log").open("wb") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        try:
+            # Two checkpoint intervals in, so at least one checkpoint is complete.
+            _wait_for_step(process, checkpoints, 7, seen)
+            seen.update(descendants(process.pid))
+            # A terminal's Ctrl-C signals the foreground process group: hetmoe alone,
+            # since it starts every pod in a session of its own.
+            os.killpg(process.pid, signal.SIGINT)
+            assert process.wait(timeout=STOP_TIMEOUT) == 130
+        finally:
+            kill_group(process.pid)
+    assert len(seen) >= 6, "expected 2 torchrun agents and 4 trainer processes"
+    assert alive(sorted(seen)) == []
+    interrupted_at = max(r["step"] for r in read_train_log(checkpoints))
+    assert interrupted_at < 30
+    assert (checkpoints / LATEST_POINTER).exists(), (
+        "no checkpoint after 7 steps with checkpoint.intervalSteps=3: the worker command "
+        "does not pass the spec's checkpoint interval to the trainer"
+    )
+    resume_from = int((checkpoints / LATEST_POINTER).read_text().strip().split("_")[-1])
+    assert 0 < resume_from <= interrupted_at
+
+    rerun = run_hetmoe(argv, run_dir)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in _lines(checkpoints)]
+    first_of_rerun = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[first_of_rerun] == resume_from + 1
+    assert steps[-1] == 30
+
+
+def _lines(checkpoints: Path) -> list[str]:
+    return (checkpoints / "train_log.jsonl").read_text().splitlines()
