@@ -17,7 +17,7 @@ PURE_CORE := operator/hetmoe_operator/api operator/hetmoe_operator/plan.py \
 	operator/hetmoe_operator/placement operator/hetmoe_operator/desired \
 	operator/hetmoe_operator/reconcile operator/hetmoe_operator/errors.py
 
-.PHONY: help run test lint venv cluster-bin cluster-up cluster-down crd plan clean
+.PHONY: help run test lint venv cluster-bin prometheus cluster-up cluster-down crd plan clean
 
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -34,18 +34,24 @@ venv: $(UV) ## Create .venv and sync it to requirements.lock (fast when already 
 cluster-bin: ## Build (once) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm
 	bash tests/cluster/build.sh >/dev/null
 
+prometheus: ## Install a real Prometheus (Debian package) for the observability test
+	bash tests/local/install_prometheus.sh
+
 lint: venv ## ruff, mypy on the pure core, import-linter contracts
 	$(VENV)/bin/ruff check operator trainer tests bench
 	$(VENV)/bin/ruff format --check operator trainer tests bench
 	$(VENV)/bin/mypy $(PURE_CORE)
 	$(VENV)/bin/lint-imports
 
-test: venv cluster-bin lint ## Lint and every test, unit and integration (real control plane)
+test: venv cluster-bin prometheus lint ## Lint and every test, unit and integration (real control plane)
 	rc=0; $(PY) -m pytest -p no:cacheprovider $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: the suite layout is broken" >&2; fi; \
 	exit $$rc
 
-run: venv ## The main job: plan the reference Ling-Plus job over a mixed cluster
+run: venv ## The main job, locally: plan the tiny MoEJob over two simulated pools and train it
+	$(VENV)/bin/hetmoe run -f examples/moejob-tiny.yaml --cluster examples/clusters/local.yaml
+
+plan: venv ## Plan Ling-Plus over 10^12 tokens on the reference 5-grade mix (cost vs premium-only)
 	$(VENV)/bin/hetmoe plan -f examples/moejob-ling-plus.yaml --cluster examples/clusters/reference-mix.yaml
 
 cluster-up: venv cluster-bin ## Start a dev control plane with fake node pools; prints the KUBECONFIG line

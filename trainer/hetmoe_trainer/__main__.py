@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import NoReturn
 
@@ -40,6 +41,22 @@ from hetmoe_trainer.distributed import (
 log = logging.getLogger("hetmoe_trainer")
 
 FAULT_ENV = "HETMOE_INJECT_FAULT"
+SLOWDOWN_ENV = "HETMOE_SIMULATED_SLOWDOWN"
+"""Set by local mode only: emulate a slower accelerator grade on a CPU."""
+
+
+def simulated_slowdown(environ: Mapping[str, str]) -> float:
+    """The simulated-grade slowdown factor from ``environ`` (1.0 when unset)."""
+    text = environ.get(SLOWDOWN_ENV, "").strip()
+    if not text:
+        return 1.0
+    try:
+        factor = float(text)
+    except ValueError:
+        raise ValueError(f"{SLOWDOWN_ENV}={text!r} is not a number") from None
+    if not 1.0 <= factor <= 100.0:
+        raise ValueError(f"{SLOWDOWN_ENV}={text!r} must be between 1 and 100")
+    return factor
 
 
 class _Parser(argparse.ArgumentParser):
@@ -128,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         specs = [*args.inject_fault, *filter(None, os.environ.get(FAULT_ENV, "").split(";"))]
         faults = tuple(Fault.parse(spec) for spec in specs)
         plan_rank = plan_rank_from_env(plan, os.environ)
+        slowdown = simulated_slowdown(os.environ)
     except (PlanError, ValueError) as error:
         log.error("configuration error: %s", error)
         return WorkerExit.CONFIG_ERROR
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12,
         max_rollbacks=args.max_rollbacks,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        simulated_slowdown=slowdown,
     )
     code = Trainer(context, options).run()
     dist.destroy_process_group()

@@ -88,6 +88,18 @@ class TrainerOptions:
     """Rollbacks to the same checkpoint before giving up (ROLLBACK_EXHAUSTED)."""
     restart_count: int = 0
     """torchrun's TORCHELASTIC_RESTART_COUNT."""
+    simulated_slowdown: float = 1.0
+    """Local mode's simulated grade: stretch this rank's compute by this factor."""
+
+
+def simulated_delay(compute_seconds: float, slowdown: float) -> float:
+    """Extra seconds that make ``compute_seconds`` of work take ``slowdown`` times as long.
+
+    Local mode runs every simulated grade on the same CPU; waiting before the gradient
+    sync makes a "slow" rank hold up its peers exactly as a slower device would, so the
+    planner's speed-proportional batch split can be seen working.
+    """
+    return max(slowdown - 1.0, 0.0) * max(compute_seconds, 0.0)
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -264,6 +276,9 @@ class Trainer:
         self.sync.materialize()
         self.faults.poison_gradients(self.step, self.sync.params)
         self.faults.delay(self.step)
+        # Backward is about twice the forward FLOPs; the measured backward phase would
+        # also count pipeline waits, which a slower device does not stretch.
+        time.sleep(simulated_delay(3 * forward, self.options.simulated_slowdown))
         ready = time.perf_counter() - start
 
         phase = time.perf_counter()
