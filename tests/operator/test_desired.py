@@ -81,6 +81,11 @@ def test_one_pod_per_plan_node_with_the_contract() -> None:
     assert env["HETMOE_POOL"] == "pool-a" and env["HETMOE_NODE_SLOT"] == "0"
     assert env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"
     assert container["resources"]["limits"] == {"nvidia.com/gpu": "2"}
+    assert [(p["name"], p["containerPort"]) for p in container["ports"]] == [
+        ("rendezvous", 29400),
+        ("metrics", 9400),
+        ("metrics-1", 9401),
+    ]
     assert pods[2]["spec"]["containers"][0]["resources"]["limits"] == {"example.com/npu": "2"}
     affinity = first["spec"]["affinity"]["nodeAffinity"][
         "requiredDuringSchedulingIgnoredDuringExecution"

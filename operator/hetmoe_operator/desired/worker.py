@@ -220,7 +220,13 @@ def _pod(launch: WorkerLaunch, ctx: PodContext, total: int) -> dict[str, Any]:
                 "env": [{"name": k, "value": v} for k, v in launch.env.items()],
                 "ports": [
                     {"name": "rendezvous", "containerPort": ctx.ports.rendezvous},
+                    # The trainer serves rank k of the node on metrics + k; named ports
+                    # let a PodMonitor scrape every rank, not only local rank 0.
                     {"name": "metrics", "containerPort": ctx.ports.metrics},
+                    *(
+                        {"name": f"metrics-{k}", "containerPort": ctx.ports.metrics + k}
+                        for k in range(1, launch.nproc)
+                    ),
                 ],
                 "resources": {"requests": requests, "limits": {resource: str(launch.nproc)}},
                 "volumeMounts": [

@@ -236,9 +236,12 @@ def allocate_network(
     for pod in pods:
         container = _container(pod)
         span = _nproc_per_node([*container.get("command", []), *container.get("args", [])])
-        for port in container.get("ports", []):
-            number = int(port["containerPort"])
-            if number not in shared:
+        block_starts: list[int] = []
+        for number in sorted(int(port["containerPort"]) for port in container.get("ports", [])):
+            # ``metrics-k`` ports (base + k) already lie in the block of the base port.
+            inside_block = any(start < number < start + span for start in block_starts)
+            if number not in shared and not inside_block:
+                block_starts.append(number)
                 pod_requests.append((pod["metadata"]["name"], number, span))
     bases = free_port_blocks([1] * len(shared) + [span for _, _, span in pod_requests])
     pod_ports: dict[str, dict[int, int]] = {}
