@@ -48,6 +48,7 @@ def fake_planner(
     *,
     job_name: str,
     expert_load: Any = None,
+    previous: Plan | None = None,
     nodes_per_pool: int = 1,
     procs_per_node: int = 2,
 ) -> Plan:

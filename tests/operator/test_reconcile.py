@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
-from tests.operator.fakes import World, small_nodes, spec
+from tests.operator.fakes import World, fake_planner, small_nodes, spec
 
 
 def running_world(**spec_overrides: Any) -> World:
@@ -295,3 +295,20 @@ def test_default_exit_code_contract(exit_code: int, cause: str) -> None:
 
     verdict = classify(Failure("p", "n", exit_code, "Error", ""), [])
     assert verdict.cause == cause
+
+
+def test_replanning_hands_the_planner_the_plan_the_job_ran_with() -> None:
+    seen: list[Any] = []
+
+    def recording_planner(*args: Any, previous: Any = None, **kwargs: Any) -> Any:
+        seen.append(previous)
+        return fake_planner(*args, previous=previous, **kwargs)
+
+    world = World(spec(), small_nodes(), planner=recording_planner)
+    world.settle(3)
+    assert world.status.phase == "Running" and seen == [None]
+    del world.nodes["d0"]
+    del world.nodes["d1"]
+    world.settle(4)
+    assert world.status.plan_generation == 2
+    assert seen[-1] is not None and {r.pool for r in seen[-1].ranks} >= {"pool-d"}

@@ -290,13 +290,19 @@ class Reconciler:
         placement: Any,
         *,
         job_name: str,
+        previous: Plan | None = None,
     ) -> Plan:
         """The planner, memoised on its inputs minus node names and the job name.
 
         Planning is deterministic and plans never name nodes (only pool and slot), so
         jobs with the same spec on same-shaped capacity share one planner run: a burst
-        of identical jobs costs one plan, not one each.
+        of identical jobs costs one plan, not one each. A re-plan searches near the
+        job's ``previous`` plan, so its result is the job's own and is not memoised.
         """
+        if previous is not None:
+            return self._call_planner(
+                model, training, cluster, placement, job_name=job_name, previous=previous
+            )
         key = json.dumps(
             [
                 model.to_wire(),
@@ -310,15 +316,19 @@ class Reconciler:
         cached = self._plan_memo.get(key)
         if cached is not None:
             return cached.model_copy(update={"job": job_name})
-        started = time.monotonic()
-        try:
-            plan = self.planner(model, training, cluster, placement, job_name=job_name)
-        finally:
-            self.metrics.planning_seconds.observe(time.monotonic() - started)
+        plan = self._call_planner(model, training, cluster, placement, job_name=job_name)
         self._plan_memo[key] = plan
         while len(self._plan_memo) > PLAN_MEMO_SIZE:
             self._plan_memo.pop(next(iter(self._plan_memo)))
         return plan
+
+    def _call_planner(self, *args: Any, **kwargs: Any) -> Plan:
+        """The planner, with its run time recorded in the planning-duration metric."""
+        started = time.monotonic()
+        try:
+            return self.planner(*args, **kwargs)
+        finally:
+            self.metrics.planning_seconds.observe(time.monotonic() - started)
 
     def _count_restart(self, old: MoEJobStatus, new: MoEJobStatus) -> None:
         if new.last_failure is not None and new.last_failure != old.last_failure:

@@ -354,7 +354,9 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
         and plan_fits(plan, discovery)
     )
     if not reused:
-        outcome = make_plan(spec, obs.job.name, discovery, run.env.catalog, run.env.planner)
+        outcome = make_plan(
+            spec, obs.job.name, discovery, run.env.catalog, run.env.planner, previous=plan
+        )
         if outcome.plan is None:
             run.cond("Planned", "False", outcome.reason, outcome.message)
             if outcome.transient:

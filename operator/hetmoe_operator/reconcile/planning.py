@@ -83,8 +83,13 @@ def make_plan(
     discovery: Discovery,
     catalog: DeviceCatalog,
     planner: PlanFunction,
+    previous: Plan | None = None,
 ) -> PlanOutcome:
-    """Call the planner on the usable capacity, translating every refusal into words."""
+    """Call the planner on the usable capacity, translating every refusal into words.
+
+    ``previous`` is the plan the job ran with: the planner searches near it first, which
+    keeps re-planning after losing a node fast (and the new layout familiar).
+    """
     short = below_min_nodes(discovery, spec.pools)
     if short:
         return PlanOutcome(None, "WaitingForCapacity", "; ".join(short))
@@ -103,7 +108,12 @@ def make_plan(
     cluster = ClusterDescription(catalog=catalog, pools=pools)
     try:
         plan = planner(
-            spec.model.resolve(), spec.training, cluster, spec.placement, job_name=job_name
+            spec.model.resolve(),
+            spec.training,
+            cluster,
+            spec.placement,
+            job_name=job_name,
+            previous=previous,
         )
     except PlanningError as error:
         transient = error.constraint in TRANSIENT_CONSTRAINTS
