@@ -59,8 +59,8 @@ def write_job(directory: Path, *, name: str, steps: int, interval: int) -> Path:
     return path
 
 
-def hetmoe_argv(job: Path, run_dir: Path, *extra: str) -> list[str]:
-    """argv of ``hetmoe run`` for ``job`` on the shipped local cluster."""
+def hetmoe_argv(job: Path, run_dir: Path, *extra: str, cluster: Path = LOCAL_CLUSTER) -> list[str]:
+    """argv of ``hetmoe run`` for ``job`` on ``cluster`` (the shipped local one)."""
     return [
         sys.executable,
         "-m",
@@ -69,7 +69,7 @@ def hetmoe_argv(job: Path, run_dir: Path, *extra: str) -> list[str]:
         "-f",
         str(job),
         "--cluster",
-        str(LOCAL_CLUSTER),
+        str(cluster),
         "--run-dir",
         str(run_dir),
         *extra,

@@ -1,12 +1,29 @@
-"""Operator metrics (Prometheus): one registry per operator instance, no globals."""
+"""Operator metrics (Prometheus): one registry per operator instance, no globals.
+
+Labelled series are created at start for every label value known in advance (each
+phase, each restart cause) with value 0. Without that, a healthy operator exports no
+``hetmoe_operator_restarts_total`` series at all, and ``rate()``/``increase()`` panels
+show "No data" -- indistinguishable from an operator that is not scraped.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 from hetmoe_operator.api.status import PHASES
+
+RESTART_CAUSES: Final = (
+    "WorkerFailed",
+    "NodeLost",
+    "ReplaceNode",
+    "FailureRuleFail",
+    "ConfigError",
+    "RollbackExhausted",
+)
+"""Every cause ``reconcile.failures.classify`` can return (a test keeps them in sync)."""
 
 
 @dataclass
@@ -46,6 +63,10 @@ class OperatorMetrics:
             registry=r,
         )
         self._phases: dict[tuple[str, str], str] = {}
+        for phase in PHASES:
+            self.jobs.labels(phase).set(0)
+        for cause in RESTART_CAUSES:
+            self.restarts.labels(cause)
 
     def job_phase(self, namespace: str, name: str, phase: str | None) -> None:
         """Record a job's phase (None when it is gone) and refresh the gauge."""
