@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from kubernetes import watch
 from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from tests.cluster.controlplane import ControlPlane, ensure_built, free_port
@@ -65,33 +66,104 @@ def job(name: str, pool: str) -> dict[str, Any]:
     }
 
 
+class _RawWatch(watch.Watch):
+    """A watch yielding plain dicts: building client models per event would make the
+    benchmark client, which shares the CPU, slower than the operator it measures."""
+
+    def get_return_type(self, func: Any) -> None:
+        return None
+
+
 class PodTracker:
-    """Polls the bench namespace's pods and records, per (job, generation), when all
-    pods existed and when all were Running."""
+    """Watches the bench namespace's pods and records, per (job, generation), when all
+    pods existed and when all were Running.
+
+    A watch, not a LIST every 0.1 s: listing 1,600 pods ten times a second was the
+    largest load the benchmark itself put on the API server it measures.
+    """
 
     def __init__(self, core: CoreV1Api) -> None:
         self.core = core
         self.created: dict[tuple[str, str], float] = {}
         self.running: dict[tuple[str, str], float] = {}
         self.stop = threading.Event()
+        self._pods: dict[str, tuple[tuple[str, str], bool]] = {}
+
+    def _record(self, pod: dict[str, Any], deleted: bool) -> None:
+        meta = pod["metadata"]
+        if deleted:
+            self._pods.pop(meta["name"], None)
+            return
+        labels = meta.get("labels") or {}
+        key = (labels.get("hetmoe.io/job", ""), labels.get("hetmoe.io/generation", ""))
+        running = (pod.get("status") or {}).get("phase") == "Running"
+        self._pods[meta["name"]] = (key, running)
+        now = time.monotonic()
+        total = sum(1 for k, _ in self._pods.values() if k == key)
+        if total >= PODS_PER_JOB:
+            self.created.setdefault(key, now)
+        if running and sum(1 for k, r in self._pods.values() if k == key and r) >= PODS_PER_JOB:
+            self.running.setdefault(key, now)
 
     def poll(self) -> None:
         while not self.stop.is_set():
-            response = self.core.list_namespaced_pod(NAMESPACE, _preload_content=False)
-            now = time.monotonic()
-            counts: dict[tuple[str, str], list[int]] = {}
-            for pod in json.loads(response.data)["items"]:
-                labels = pod["metadata"].get("labels") or {}
-                key = (labels.get("hetmoe.io/job", ""), labels.get("hetmoe.io/generation", ""))
-                entry = counts.setdefault(key, [0, 0])
-                entry[0] += 1
-                entry[1] += (pod.get("status") or {}).get("phase") == "Running"
-            for key, (total, running) in counts.items():
-                if total >= PODS_PER_JOB:
-                    self.created.setdefault(key, now)
-                if running >= PODS_PER_JOB:
-                    self.running.setdefault(key, now)
-            time.sleep(0.1)
+            listing = json.loads(
+                self.core.list_namespaced_pod(NAMESPACE, _preload_content=False).data
+            )
+            self._pods.clear()
+            for pod in listing["items"]:
+                self._record(pod, False)
+            version = listing["metadata"]["resourceVersion"]
+            try:
+                for event in _RawWatch().stream(
+                    self.core.list_namespaced_pod,
+                    NAMESPACE,
+                    resource_version=version,
+                    timeout_seconds=60,
+                ):
+                    if self.stop.is_set():
+                        return
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: list again
+                    self._record(event["raw_object"], event["type"] == "DELETED")
+            except ApiException as error:
+                if error.status != 410:  # expired: list again
+                    raise
+
+
+def api_server_floor(core: CoreV1Api, pods: int) -> dict[str, float]:
+    """The API server alone, in the same minute: create ``pods`` bare pods (16 at a
+    time, like the operator) in their own namespace and time it. No operator can
+    create pods faster than this, so it is the baseline the launch figures compare to.
+    The pods select a node label nobody has, so they stay Pending and cost the
+    scheduler and kwok nothing afterwards."""
+    namespace = "bench-floor"
+    core.create_namespace({"metadata": {"name": namespace}})
+    while True:
+        try:
+            core.read_namespaced_service_account("default", namespace)
+            break
+        except ApiException:
+            time.sleep(0.2)
+
+    def create(i: int) -> None:
+        body = {
+            "metadata": {"name": f"floor-{i:05d}"},
+            "spec": {
+                "nodeSelector": {"hetmoe.io/bench-floor": "none"},
+                "containers": [{"name": "c", "image": "x"}],
+            },
+        }
+        response = core.create_namespaced_pod(namespace, body, _preload_content=False)
+        response.drain_conn()  # read to the end so the connection goes back to the pool
+        response.release_conn()
+
+    started = time.monotonic()
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(create, range(pods)))
+    elapsed = time.monotonic() - started
+    core.delete_namespace(namespace)
+    return {"floor_pods": float(pods), "floor_seconds": elapsed, "floor_pods_per_s": pods / elapsed}
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -145,9 +217,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         client.configuration.connection_pool_maxsize = 32
         apply_topology(client, topology)
         plane.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "moejob.yaml"))
-        plane.kubectl(
-            "wait", "--for=condition=Established", "--timeout=180s", "crd/moejobs.hetmoe.io"
-        )
+        for attempt in range(10):  # under load the CRD may not be listed yet
+            try:
+                plane.kubectl(
+                    "wait", "--for=condition=Established", "--timeout=180s", "crd/moejobs.hetmoe.io"
+                )
+                break
+            except subprocess.CalledProcessError:
+                if attempt == 9:
+                    raise
+                time.sleep(2)
         plane.kubectl("create", "namespace", NAMESPACE)
         core, custom = CoreV1Api(client), CustomObjectsApi(client)
         while True:
@@ -158,8 +237,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 time.sleep(0.2)
         metrics_port = free_port()
         log = open(args.log, "wb")  # noqa: SIM115 - kept open for the operator's lifetime
+        sampler = ["-m", "bench.operator.sampler", str(args.profile)] if args.profile else []
         argv = [
             sys.executable,
+            *sampler,
             "-m",
             "hetmoe_operator.cli.operator_command",
             "--catalog",
@@ -276,6 +357,7 @@ def measure(
     ]
     tracker.stop.set()
     total_requests = api_requests(metrics_port) - requests_before
+    floor = api_server_floor(core, args.floor_pods) if args.floor_pods else {}
     result = {
         "jobs": args.jobs,
         "pods_per_job": PODS_PER_JOB,
@@ -294,6 +376,7 @@ def measure(
         "api_requests_per_job_launch": requests_launch / max(1, args.jobs),
         "api_requests_total": total_requests,
         "operator_peak_rss_mib": peak_rss_mib(operator.pid),
+        **floor,
         "targets": TARGETS,
     }
     return result
@@ -309,6 +392,18 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--log", default="/tmp/hetmoe-bench-operator.log")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--floor-pods",
+        type=int,
+        default=256,
+        help="bare pods the bench creates itself at the end to time the API server (0: skip)",
+    )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="run the operator under bench.operator.sampler and write its report here",
+    )
     args = parser.parse_args()
     # SIGTERM unwinds like Ctrl-C so the control plane and operator are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

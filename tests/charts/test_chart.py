@@ -45,6 +45,7 @@ NAMESPACED_RULES = [
     (("",), ("configmaps",), (), ("get", "list", "watch", "create", "update", "patch", "delete")),
     (("",), ("services",), (), ("get", "list", "watch", "create", "patch", "delete")),
     (("",), ("events",), (), ("create", "patch")),
+    (("scheduling.x-k8s.io",), ("podgroups",), (), ("create",)),
 ]
 CLUSTER_READ_RULES = [
     (("",), ("nodes",), (), ("get", "list", "watch")),

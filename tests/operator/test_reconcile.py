@@ -312,3 +312,110 @@ def test_replanning_hands_the_planner_the_plan_the_job_ran_with() -> None:
     world.settle(4)
     assert world.status.plan_generation == 2
     assert seen[-1] is not None and {r.pool for r in seen[-1].ranks} >= {"pool-d"}
+
+
+def test_unschedulable_workers_surface_the_scheduler_message_once() -> None:
+    world = World(spec(), small_nodes())
+    world.reconcile()
+    stuck = "job-g1-pool-a-0"
+    world.pods[stuck]["status"] = {
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": "0/4 nodes are available: 4 node(s) had untolerated taint {x: y}.",
+            }
+        ],
+    }
+    decision = world.reconcile()
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert (ready.status, ready.reason) == ("False", "Unschedulable")
+    assert (
+        f"{stuck}: 0/4 nodes are available" in ready.message
+        and "untolerated taint" in ready.message
+    )
+    assert [e.reason for e in decision.events] == ["Unschedulable"]
+    assert world.reconcile().events == (), "one event, not one per pass"
+    world.kwok()
+    world.reconcile()
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert ready.reason == "WorkersRunning" and world.status.phase == "Running"
+
+
+def test_scale_up_grows_a_running_job_once_capacity_returns_after_the_window() -> None:
+    import functools
+
+    from tests.operator.fakes import node
+
+    planner = functools.partial(fake_planner, nodes_per_pool=2)
+    job = spec(elastic={"scaleUp": True, "scaleUpStabilizationSeconds": 60, "maxNodes": 3})
+    world = World(job, [node("a0", "pool-a", "A"), node("d0", "pool-d", "D")], planner=planner)
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.grades == "A:1,D:1"
+    world.nodes["a1"] = node("a1", "pool-a", "A")
+    world.nodes["d1"] = node("d1", "pool-d", "D")
+    world.reconcile()
+    assert world.status.generation == 1, "not before the stabilisation window"
+    world.advance(61)
+    decision = world.reconcile()
+    assert world.status.phase == "Restarting" and world.status.generation == 2
+    restarting = next(c for c in world.status.conditions if c.type == "Restarting")
+    assert restarting.reason == "ScaledUp" and "2 -> 3 nodes" in restarting.message
+    assert any(e.reason == "ScaledUp" for e in decision.events)
+    assert world.status.restarts == 0 and world.status.uncounted_restarts == 0
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.plan_generation == 2
+    assert len(world.live_pods()) == 3 and all("-g2-" in n for n in world.live_pods())
+    world.advance(61)
+    world.reconcile()
+    assert world.status.generation == 2, "maxNodes reached: no further growth"
+
+
+def test_scale_up_looks_for_capacity_at_most_once_per_window() -> None:
+    import functools
+
+    from tests.operator.fakes import node
+
+    looks: list[Any] = []
+    world = World(
+        spec(elastic={"scaleUp": True, "scaleUpStabilizationSeconds": 30}),
+        [node("a0", "pool-a", "A")],
+        planner=functools.partial(fake_planner, nodes_per_pool=2),
+    )
+    world.settle(3)
+    discover = world.environment().discover
+    world.environment = lambda: _counting(world, discover, looks)  # type: ignore[method-assign]
+    for _ in range(10):
+        world.advance(10)
+        world.reconcile()
+    assert world.status.generation == 1 and len(looks) == 3
+
+
+def _counting(world: World, discover: Any, looks: list[Any]) -> Any:
+    from hetmoe_operator.reconcile.decide import Environment
+
+    def counted(excluded: Any) -> Any:
+        looks.append(excluded)
+        return discover(excluded)
+
+    return Environment(
+        planner=world.planner, discover=counted, catalog=world.catalog, config=world.config
+    )
+
+
+def test_coscheduling_creates_an_owned_pod_group_per_generation_before_the_pods() -> None:
+    world = World(spec(scheduling={"gang": "coscheduling"}), small_nodes())
+    decision = world.reconcile()
+    kinds = [m["kind"] for m in decision.creates]
+    assert kinds.index("PodGroup") < kinds.index("Pod")
+    group = next(m for m in decision.creates if m["kind"] == "PodGroup")
+    assert group["apiVersion"] == "scheduling.x-k8s.io/v1alpha1"
+    assert group["metadata"]["name"] == "job-g1" and group["spec"] == {"minMember": 2}
+    assert group["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+    pods = [m for m in decision.creates if m["kind"] == "Pod"]
+    assert {p["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] for p in pods} == {"job-g1"}
+    assert not any(
+        m["kind"] == "PodGroup" for m in World(spec(), small_nodes()).reconcile().creates
+    )

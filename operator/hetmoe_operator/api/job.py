@@ -133,7 +133,11 @@ class ElasticSpec(ApiModel):
     max_nodes: int | None = Field(default=None, ge=1)
     """Most nodes the job may use."""
     scale_up: bool = False
-    """Re-plan onto returning capacity (at the next checkpoint) when more nodes appear."""
+    """Grow a Running job when more usable nodes appear (below maxNodes): a new
+    generation re-plans onto them and resumes from the latest checkpoint."""
+    scale_up_stabilization_seconds: float = Field(default=60.0, ge=0, le=86400)
+    """With scaleUp, a job must have been Running this long before it grows, and looks
+    for capacity at most this often: growth never flaps."""
     failure_rules: list[FailureRule] = Field(default_factory=list, max_length=32)
     """Evaluated in order before the built-in defaults; first match wins."""
 

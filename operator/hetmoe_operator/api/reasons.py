@@ -32,6 +32,8 @@ REASONS: Final = MappingProxyType(
         "PlanReady": "The planner produced a plan that fits the eligible capacity.",
         "PlanKept": "After a failure the previous plan still fits; it is reused unchanged.",
         "Replanned": "Capacity changed; a new plan was computed on what is left.",
+        "ScaledUp": "More usable nodes appeared and elastic.scaleUp is set: a new generation "
+        "re-plans onto them (the message gives the node counts).",
         "WaitingForCapacity": "No feasible plan on the current capacity; the job waits "
         "for nodes (the message says what is missing).",
         "PlanInfeasible": "No plan can ever satisfy the spec (the message says what to change).",
@@ -41,6 +43,10 @@ REASONS: Final = MappingProxyType(
         "WorkersCreating": "Worker pods of the current generation are being created or scheduled.",
         "WorkersRunning": "Every worker pod of the current generation is Running.",
         "ChildCreateFailed": "The API server refused to create a child object; retried.",
+        "PodGroupUnavailable": "scheduling.gang is coscheduling but the scheduler-plugins "
+        "PodGroup CRD is not installed; no pods are created until it is.",
+        "Unschedulable": "Worker pods are Pending because the scheduler cannot place them; "
+        "the message quotes the scheduler (taints, insufficient resources, affinity).",
         # Failures and restarts.
         "WorkerFailed": "A worker pod failed; a restart generation follows.",
         "NodeLost": "A node running a worker was deleted or became NotReady.",

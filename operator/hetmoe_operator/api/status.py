@@ -162,6 +162,9 @@ class MoEJobStatus(ApiModel):
     """RFC 3339 time before which the next generation is not started (backoff)."""
     excluded_nodes: list[str] = Field(default_factory=list, max_length=1024)
     """Nodes a worker asked to replace; never planned on again by this job."""
+    scale_up_checked_time: str | None = None
+    """RFC 3339 time the operator last looked for capacity to grow onto
+    (elastic.scaleUp); looks are spaced by elastic.scaleUpStabilizationSeconds."""
     progress: Progress | None = None
     """Training progress."""
     last_checkpoint_step: int | None = Field(default=None, ge=0)

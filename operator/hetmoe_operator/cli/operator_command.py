@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from hetmoe_operator.kube.handlers import OperatorContext, build_registry
     from hetmoe_operator.kube.metrics import OperatorMetrics
     from hetmoe_operator.kube.reconciler import Reconciler
-    from hetmoe_operator.kube.state import NodeCache, PodIndex, Wakeups
+    from hetmoe_operator.kube.state import JobCache, NodeCache, PodIndex, Wakeups
     from hetmoe_operator.placement.planner import plan_job
 
     logging.basicConfig(
@@ -112,11 +112,12 @@ def run(args: argparse.Namespace) -> int:
     client = ApiClient(configuration)
     metrics = OperatorMetrics()
     api = KubeApi(client, metrics)
-    nodes, pods, wakeups = NodeCache(), PodIndex(), Wakeups()
+    jobs, nodes, pods, wakeups = JobCache(), NodeCache(), PodIndex(), Wakeups()
     reconciler = Reconciler(
         config=config,
         api=api,
         catalog=CatalogLoader(config.catalog, config.operator_namespace, api.core),
+        jobs=jobs,
         nodes=nodes,
         pods=pods,
         wakeups=wakeups,
@@ -126,6 +127,7 @@ def run(args: argparse.Namespace) -> int:
     )
     context = OperatorContext(
         reconciler=reconciler,
+        jobs=jobs,
         nodes=nodes,
         pods=pods,
         wakeups=wakeups,

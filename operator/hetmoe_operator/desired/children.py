@@ -1,4 +1,4 @@
-"""The plan ConfigMap and the rendezvous Service."""
+"""The plan ConfigMap, the rendezvous Service and the coscheduling PodGroup."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from hetmoe_operator.desired.names import (
     JobRef,
     base_labels,
     plan_config_map_name,
+    pod_group_name,
     service_name,
 )
 from hetmoe_operator.plan import Plan
@@ -62,4 +63,29 @@ def rendezvous_service(job: JobRef, ports: WorkerPorts) -> dict[str, Any]:
                 {"name": "metrics", "port": ports.metrics, "targetPort": ports.metrics},
             ],
         },
+    }
+
+
+POD_GROUP_API = "scheduling.x-k8s.io/v1alpha1"
+"""scheduler-plugins' coscheduling PodGroup (only created with scheduling.gang
+coscheduling; the CRD comes with scheduler-plugins, not with hetmoe)."""
+
+
+def pod_group(job: JobRef, generation: int, members: int) -> dict[str, Any]:
+    """The gang of one generation: the coscheduling plugin binds none of its pods until
+    all ``members`` can be bound, so a half-placed job never holds devices idle.
+
+    One per generation (the pods' ``scheduling.x-k8s.io/pod-group`` label names it),
+    owned by the job so it goes with it.
+    """
+    return {
+        "apiVersion": POD_GROUP_API,
+        "kind": "PodGroup",
+        "metadata": {
+            "name": pod_group_name(job.name, generation),
+            "namespace": job.namespace,
+            "labels": dict(base_labels(job.name)),
+            "ownerReferences": [job.owner_reference()],
+        },
+        "spec": {"minMember": members},
     }

@@ -52,6 +52,11 @@ def plan_config_map_name(job: str) -> str:
     return f"{job}-plan"
 
 
+def pod_group_name(job: str, generation: int) -> str:
+    """Gang of one generation's workers (Kueue pod group, scheduler-plugins PodGroup)."""
+    return f"{job}-g{generation}"
+
+
 def service_name(job: str) -> str:
     """Headless Service giving worker pods stable DNS names for rendezvous."""
     return job
@@ -65,11 +70,6 @@ def pod_name(job: str, generation: int, pool: str, node_slot: int) -> str:
 def pod_hostname(generation: int, node_index: int) -> str:
     """Short DNS label (pods' hostnames are limited to 63 characters)."""
     return f"g{generation}-n{node_index}"
-
-
-def job_selector(job: str) -> str:
-    """Label selector of every worker of a job, for list calls."""
-    return f"{JOB_LABEL}={job},{ROLE_LABEL}=worker"
 
 
 def base_labels(job: str) -> Mapping[str, str]:

@@ -33,6 +33,7 @@ from hetmoe_operator.desired.names import (
     JobRef,
     base_labels,
     plan_config_map_name,
+    pod_group_name,
     pod_hostname,
     pod_name,
     service_name,
@@ -308,7 +309,7 @@ def _checkpoint_volume(volume: CheckpointVolume) -> dict[str, Any]:
 
 
 def _gang_labels(spec: MoEJobSpec, job: str, generation: int) -> dict[str, str]:
-    group = f"{job}-g{generation}"
+    group = pod_group_name(job, generation)
     if spec.scheduling.gang == "kueue" and spec.scheduling.queue_name:
         return {
             "kueue.x-k8s.io/queue-name": spec.scheduling.queue_name,

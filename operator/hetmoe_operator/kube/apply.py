@@ -20,7 +20,8 @@ from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi, V1DeleteOp
 from kubernetes.client.exceptions import ApiException
 
 from hetmoe_operator.api.job import GROUP, PLURAL, VERSION
-from hetmoe_operator.desired.names import job_selector, plan_config_map_name
+from hetmoe_operator.desired.children import POD_GROUP_API
+from hetmoe_operator.desired.names import ROLE_LABEL, plan_config_map_name
 from hetmoe_operator.kube.metrics import OperatorMetrics
 from hetmoe_operator.reconcile.conditions import rfc3339
 from hetmoe_operator.reconcile.decide import Decision
@@ -33,12 +34,18 @@ class Conflict(Exception):
     """The job changed since it was read; the pass is retried."""
 
 
+class KindNotInstalled(Exception):
+    """A child's kind is unknown to the API server (its CRD is not installed)."""
+
+
 @dataclass(frozen=True)
 class ApplyResult:
     """What happened; ``complete`` is False when the call budget ran out."""
 
     calls: int
     complete: bool
+    job: dict[str, Any] | None = None
+    """The job as the status patch returned it (None if status was not written)."""
 
 
 class KubeApi:
@@ -53,12 +60,21 @@ class KubeApi:
         self.metrics = metrics
 
     def call(self, verb: str, resource: str, fn: Callable[[], T]) -> T:
+        """One counted request; its answer is read in full before returning.
+
+        With ``_preload_content=False`` an answer nobody reads (creates, deletes,
+        events) keeps its connection out of the pool, so the next request opens a new
+        one: a TLS handshake each time, which on a loaded host cost the operator about
+        a tenth of its request time and the API server CPU.
+        """
         self.metrics.api_requests.labels(verb, resource).inc()
         try:
-            return fn()
+            response = fn()
         except ApiException as error:
             self.metrics.api_errors.labels(verb, resource, str(error.status)).inc()
             raise
+        getattr(response, "data", None)  # reads and caches the body, releasing the connection
+        return response
 
     def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
         try:
@@ -75,16 +91,6 @@ class KubeApi:
             raise
         return dict(json.loads(response.data))
 
-    def list_job_pods(self, namespace: str, job: str) -> list[dict[str, Any]]:
-        response = self.call(
-            "list",
-            "pods",
-            lambda: self.core.list_namespaced_pod(
-                namespace, label_selector=job_selector(job), _preload_content=False
-            ),
-        )
-        return list(json.loads(response.data)["items"])
-
     def list_active_pods(self) -> list[dict[str, Any]]:
         """Every non-terminated pod (device usage and pending workers for discovery)."""
         response = self.call(
@@ -93,6 +99,17 @@ class KubeApi:
             lambda: self.core.list_pod_for_all_namespaces(
                 field_selector="status.phase!=Succeeded,status.phase!=Failed",
                 _preload_content=False,
+            ),
+        )
+        return list(json.loads(response.data)["items"])
+
+    def list_worker_pods(self) -> list[dict[str, Any]]:
+        """Every hetmoe worker pod in any phase (exit codes of finished ones matter)."""
+        response = self.call(
+            "list",
+            "pods",
+            lambda: self.core.list_pod_for_all_namespaces(
+                label_selector=f"{ROLE_LABEL}=worker", _preload_content=False
             ),
         )
         return list(json.loads(response.data)["items"])
@@ -120,9 +137,10 @@ class KubeApi:
 class Applier:
     """Executes a Decision: creates, then the status patch, then deletes and events.
 
-    Pods of one generation are created concurrently (they are independent and the
-    launch latency of a restart is dominated by these round trips); everything else
-    is sequential so the ordering contract of ``reconcile.decide`` holds.
+    Pods of one generation are created concurrently, and deleted concurrently (they
+    are independent and the latency of a restart is dominated by these round trips);
+    the three steps themselves run in order so the contract of ``reconcile.decide``
+    holds.
     """
 
     def __init__(self, api: KubeApi, max_calls: int, executor: Executor) -> None:
@@ -144,20 +162,25 @@ class Applier:
             # Status is not written: the next pass adopts the half-created generation.
             return ApplyResult(calls, False)
         patch = status_patch(job.get("status") or {}, decision.status.to_wire())
+        patched = None
         if patch:
-            self._patch_status(namespace, name, meta["resourceVersion"], patch)
+            patched = self._patch_status(namespace, name, meta["resourceVersion"], patch)
             calls += 1
-        for delete in decision.deletes:
-            if calls >= self.max_calls:
-                return ApplyResult(calls, False)
-            self._delete_pod(namespace, delete.name, delete.grace_seconds)
-            calls += 1
+        deletes = list(decision.deletes[: max(0, self.max_calls - calls)])
+        list(
+            self.executor.map(
+                lambda d: self._delete_pod(namespace, d.name, d.grace_seconds), deletes
+            )
+        )
+        calls += len(deletes)
+        if len(deletes) < len(decision.deletes):
+            return ApplyResult(calls, False, patched)
         for event in decision.events:
             if calls >= self.max_calls:
                 break
             self._event(job, event.type, event.reason, event.message)
             calls += 1
-        return ApplyResult(calls, True)
+        return ApplyResult(calls, True, patched)
 
     def _create(self, namespace: str, manifest: dict[str, Any]) -> None:
         kind = manifest["kind"]
@@ -170,10 +193,20 @@ class Applier:
             "ConfigMap": lambda: core.create_namespaced_config_map(
                 namespace, manifest, _preload_content=False
             ),
+            "PodGroup": lambda: self.api.custom.create_namespaced_custom_object(
+                *POD_GROUP_API.split("/"), namespace, "podgroups", manifest, _preload_content=False
+            ),
         }
         try:
             self.api.call("create", kind.lower() + "s", creators[kind])
         except ApiException as error:
+            if error.status == 404 and kind == "PodGroup":
+                raise KindNotInstalled(
+                    "spec.scheduling.gang is coscheduling but the API server does not know "
+                    f"podgroups.{POD_GROUP_API.split('/')[0]} (the scheduler-plugins PodGroup "
+                    "CRD is not installed): install scheduler-plugins' coscheduling, or set "
+                    "spec.scheduling.gang to none"
+                ) from None
             if error.status != 409:
                 raise
             if kind == "ConfigMap":  # the plan changed: replace it
@@ -187,10 +220,10 @@ class Applier:
 
     def _patch_status(
         self, namespace: str, name: str, resource_version: str, patch: dict[str, Any]
-    ) -> None:
+    ) -> dict[str, Any]:
         body = {"metadata": {"resourceVersion": resource_version}, "status": patch}
         try:
-            self.api.call(
+            response = self.api.call(
                 "patch",
                 "moejobs/status",
                 lambda: self.api.custom.patch_namespaced_custom_object_status(
@@ -201,6 +234,7 @@ class Applier:
             if error.status in (404, 409):
                 raise Conflict(f"{namespace}/{name}: {error.reason}") from None
             raise
+        return dict(json.loads(response.data))
 
     def _delete_pod(self, namespace: str, name: str, grace: int | None) -> None:
         options = V1DeleteOptions(grace_period_seconds=grace) if grace is not None else None

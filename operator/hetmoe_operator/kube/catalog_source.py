@@ -37,15 +37,12 @@ class CatalogLoader:
     last_error: str = field(default="", init=False)
 
     def load(self) -> DeviceCatalog | None:
-        """The catalog: at most one GET per ``max_age_seconds`` (a file is read each time)."""
+        """The catalog: at most one GET per ``max_age_seconds``; a file is parsed again
+        only when its modification time changes (every pass asks)."""
         if self._cache and time.monotonic() - self._loaded_at < self.max_age_seconds:
             return self._cache[1]
         if self.source.file:
-            try:
-                return load_catalog(Path(self.source.file))
-            except UserError as error:
-                self.last_error = str(error)
-                return None
+            return self._load_file(Path(self.source.file))
         namespace = self.source.config_map_namespace or self.namespace
         try:
             response = self.api.read_namespaced_config_map(
@@ -67,4 +64,20 @@ class CatalogLoader:
             return None
         self._cache = (version, catalog)
         self._loaded_at = time.monotonic()
+        return catalog
+
+    def _load_file(self, path: Path) -> DeviceCatalog | None:
+        try:
+            version = str(path.stat().st_mtime_ns)
+        except OSError as error:
+            self.last_error = f"catalog file {path}: {error.strerror}"
+            return None
+        if self._cache and self._cache[0] == version:
+            return self._cache[1]
+        try:
+            catalog = load_catalog(path)
+        except UserError as error:
+            self.last_error = str(error)
+            return None
+        self._cache = (version, catalog)
         return catalog

@@ -4,14 +4,22 @@ Why a daemon per job instead of on.create/on.update handlers: reconciliation her
 level-based (observe everything, decide, apply), so the trigger only needs to say
 "look again". A daemon serialises passes for one job, sleeps exactly as long as the
 decision asks (backoff, polling), and is woken at once by pod, node and spec events.
-kopf stops it (and drops its finalizer) when the job is deleted; with peering only
-the active replica runs daemons, so two replicas never reconcile the same job.
+With peering only the active replica runs daemons, so two replicas never reconcile
+the same job.
+
+No finalizer: kopf puts one on every object with a daemon, so that it can stop the
+daemon before the object goes. Here nothing needs to happen before a job goes (its
+children carry ownerReferences and the garbage collector removes them; the checkpoint
+volume is never ours to delete), and a finalizer would make deleting a job hang while
+no operator runs. The daemon stops itself instead: a pass that finds the job gone
+returns ``None`` and the job's DELETED event wakes it for that pass.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +30,7 @@ import kopf
 from hetmoe_operator.api.job import GROUP, PLURAL, VERSION
 from hetmoe_operator.desired.names import JOB_LABEL
 from hetmoe_operator.kube.reconciler import Reconciler
-from hetmoe_operator.kube.state import JobKey, NodeCache, PodIndex, Wakeups
+from hetmoe_operator.kube.state import JobCache, JobKey, NodeCache, PodIndex, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +44,7 @@ class OperatorContext:
     """Shared by every handler through kopf's ``memo``."""
 
     reconciler: Reconciler
+    jobs: JobCache
     nodes: NodeCache
     pods: PodIndex
     wakeups: Wakeups
@@ -79,6 +88,7 @@ def build_registry() -> kopf.OperatorRegistry:
         # mistakes "not seen yet" for "node deleted".
         ctx.nodes.replace_all(await asyncio.to_thread(ctx.reconciler.api.list_nodes))
         ctx.pods.replace_all(await asyncio.to_thread(ctx.reconciler.api.list_active_pods))
+        ctx.pods.replace_workers(await asyncio.to_thread(ctx.reconciler.api.list_worker_pods))
         ctx.wakeups.loop = asyncio.get_running_loop()
         ctx.reconciler.metrics.serve(ctx.metrics_port)
 
@@ -97,34 +107,48 @@ def build_registry() -> kopf.OperatorRegistry:
                 delay = await asyncio.get_running_loop().run_in_executor(
                     ctx.executor, ctx.reconciler.reconcile, *key
                 )
+                if delay is None:  # the job is gone
+                    return
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(wake.wait(), timeout=delay)
         finally:
             ctx.wakeups.forget(key)
             ctx.reconciler.forget(*key)
 
+    _drop_daemon_finalizer(registry)
+
     @kopf.on.event(GROUP, VERSION, PLURAL, registry=registry)
     async def job_event(
-        *, body: Any, namespace: str | None, name: str, memo: Any, **_: Any
+        *, event: Any, namespace: str | None, name: str, memo: Any, **_: Any
     ) -> None:
-        # Spec edits (suspend, pools...) bump metadata.generation; our own status
-        # patches do not, so they do not cause extra passes.
-        status = body.get("status") or {}
-        if body["metadata"].get("generation") != status.get("observedGeneration"):
-            memo.ctx.wakeups.poke((namespace or "", name))
+        # Every version feeds the job cache. Spec edits (suspend, pools...) bump
+        # metadata.generation and wake the daemon; our own status patches do not, so
+        # they cause no extra passes. A deletion wakes it so that it sees the job
+        # gone and ends.
+        ctx: OperatorContext = memo.ctx
+        key = (namespace or "", name)
+        raw = event.get("object") or {}
+        if event.get("type") == "DELETED":
+            ctx.jobs.remove(key)
+            ctx.wakeups.poke(key)
+            return
+        ctx.jobs.put(raw)
+        status = raw.get("status") or {}
+        if raw.get("metadata", {}).get("generation") != status.get("observedGeneration"):
+            ctx.wakeups.poke(key)
 
     @kopf.on.event("", "v1", "pods", registry=registry)
-    async def pod_event(
-        *, event: Any, body: Any, namespace: str | None, name: str, memo: Any, **_: Any
-    ) -> None:
-        # Every pod feeds the device-usage index; a worker also wakes its job. Async:
-        # a few dict updates are cheaper in the loop than a thread hop per event.
+    async def pod_event(*, event: Any, namespace: str | None, memo: Any, **_: Any) -> None:
+        # Every pod feeds the device-usage index and every worker its job's view; a
+        # worker also wakes its job. Async: a few dict updates are cheaper in the
+        # loop than a thread hop per event.
         ctx: OperatorContext = memo.ctx
+        raw = event.get("object") or {}
         if event.get("type") == "DELETED":
-            ctx.pods.remove(namespace or "", name)
+            ctx.pods.remove(raw)
         else:
-            ctx.pods.upsert(body)
-        owner = (body["metadata"].get("labels") or {}).get(JOB_LABEL)
+            ctx.pods.upsert(raw)
+        owner = (raw.get("metadata", {}).get("labels") or {}).get(JOB_LABEL)
         if owner:
             ctx.wakeups.poke((namespace or "", owner))
 
@@ -141,3 +165,17 @@ def build_registry() -> kopf.OperatorRegistry:
                 ctx.wakeups.poke(key)
 
     return registry
+
+
+def _drop_daemon_finalizer(registry: kopf.OperatorRegistry) -> None:
+    """Register the job daemon without kopf's finalizer (see the module docstring).
+
+    ``kopf.daemon`` has no option for it (daemons always ask for a finalizer), so the
+    registered handler is replaced by a copy that does not. Objects that still carry
+    the finalizer from an older operator get it removed by kopf on their next event.
+    """
+    spawning = registry._spawning
+    handlers = spawning._handlers
+    for index, handler in enumerate(handlers):
+        if getattr(handler, "requires_finalizer", False):
+            handlers[index] = dataclasses.replace(handler, requires_finalizer=False)

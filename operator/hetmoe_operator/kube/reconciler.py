@@ -1,8 +1,10 @@
-"""One reconcile pass for one job: observe through the API, decide, apply.
+"""One reconcile pass for one job: observe, decide, apply.
 
-Blocking (kubernetes client); the kopf daemon runs it in a worker thread. Reads per
-pass: the job, its pods, its plan ConfigMap; discovery (a LIST of bound pods) only
-when a plan is being made.
+Blocking (kubernetes client); the kopf daemon runs it in a worker thread. A pass
+observes through watch-fed caches (``kube.state``): the job, its pods and the nodes
+are never fetched per pass, and the plan ConfigMap only once per process and job
+(then it is known from our own writes). Under load a GET costs seconds, and passes
+that only read used to spend most of their time waiting on three of them.
 """
 
 from __future__ import annotations
@@ -33,11 +35,11 @@ from hetmoe_operator.desired.names import (
 )
 from hetmoe_operator.discovery import Discovery, discover
 from hetmoe_operator.errors import describe_validation_error
-from hetmoe_operator.kube.apply import Applier, Conflict, KubeApi
+from hetmoe_operator.kube.apply import Applier, Conflict, KindNotInstalled, KubeApi
 from hetmoe_operator.kube.catalog_source import CatalogLoader
 from hetmoe_operator.kube.metrics import OperatorMetrics
 from hetmoe_operator.kube.progress import read_progress
-from hetmoe_operator.kube.state import NodeCache, PodIndex, Wakeups
+from hetmoe_operator.kube.state import JobCache, NodeCache, PodIndex, Wakeups
 from hetmoe_operator.plan import Plan
 from hetmoe_operator.reconcile.conditions import set_condition
 from hetmoe_operator.reconcile.decide import Decision, Environment, decide
@@ -52,11 +54,27 @@ CONFLICT_RETRY_SECONDS = 0.2
 PLAN_MEMO_SIZE = 64
 
 
+SLOW_PASS_SECONDS = 2.0
+"""Passes slower than this are logged with where their time went."""
+
+
 @dataclass
 class _Held:
-    """Whether this pass holds the capacity lock."""
+    """Whether this pass holds the capacity lock, and where the pass spent its time."""
 
     locked: bool = False
+    marks: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, what: str) -> None:
+        """Record that ``what`` just finished (for the slow-pass log line)."""
+        self.marks.append((what, time.monotonic()))
+
+    def breakdown(self, started: float) -> str:
+        parts, last = [], started
+        for what, at in self.marks:
+            parts.append(f"{what} {at - last:.2f}s")
+            last = at
+        return ", ".join(parts)
 
 
 @dataclass
@@ -66,6 +84,7 @@ class Reconciler:
     config: OperatorConfig
     api: KubeApi
     catalog: CatalogLoader
+    jobs: JobCache
     nodes: NodeCache
     pods: PodIndex
     wakeups: Wakeups
@@ -73,15 +92,17 @@ class Reconciler:
     planner: PlanFunction
     create_executor: Executor
     """Threads for concurrent pod creation within one pass."""
-    _plans: dict[tuple[str, str], tuple[str, Plan]] = field(default_factory=dict)
+    _plans: dict[tuple[str, str], tuple[Plan | None, int]] = field(default_factory=dict)
+    """Job -> its plan and plan generation, from one GET, then from our own writes."""
     _plan_memo: dict[str, Plan] = field(default_factory=dict)
     _capacity: threading.Lock = field(default_factory=threading.Lock)
     """Held from discovery until the pods are created: passes that plan run one at a
     time, so each sees the pods of the job planned before it (no double booking)."""
     _progress_at: dict[tuple[str, str], float] = field(default_factory=dict)
 
-    def reconcile(self, namespace: str, name: str) -> float:
-        """Run one pass; returns seconds until the next one is wanted."""
+    def reconcile(self, namespace: str, name: str) -> float | None:
+        """Run one pass; returns seconds until the next one is wanted, or None once the
+        job is gone (or being deleted): its daemon then ends."""
         started = time.monotonic()
         held = _Held()
         try:
@@ -92,38 +113,49 @@ class Reconciler:
             log.warning(
                 "%s/%s: API error %s %s; retrying", namespace, name, error.status, error.reason
             )
-            self._report_api_error(namespace, name, error)
+            message = (
+                f"API server answered {error.status} {error.reason}: "
+                + str(error.body or "")[:1000]
+            )
+            self._record_refusal(namespace, name, "ChildCreateFailed", message)
             return min(self.config.resync_seconds, 5.0)
+        except KindNotInstalled as error:
+            self._record_refusal(namespace, name, "PodGroupUnavailable", str(error))
+            return self.config.resync_seconds
         finally:
             if held.locked:
                 self._capacity.release()
-            self.metrics.reconcile_seconds.observe(time.monotonic() - started)
+            elapsed = time.monotonic() - started
+            self.metrics.reconcile_seconds.observe(elapsed)
+            if elapsed > SLOW_PASS_SECONDS:
+                log.info(
+                    "%s/%s: slow pass %.2fs (%s)", namespace, name, elapsed, held.breakdown(started)
+                )
 
-    def _report_api_error(self, namespace: str, name: str, error: ApiException) -> None:
-        """Best effort: put a refused write on the job (condition ChildCreateFailed), so
-        a quota or admission problem is visible instead of a silent retry loop."""
+    def _record_refusal(self, namespace: str, name: str, reason: str, message: str) -> None:
+        """Best effort: put a refused write on the job (condition Ready=False with
+        ``reason``), so a quota, admission or missing-CRD problem is visible instead of
+        a silent retry loop."""
         try:
             job = self.api.get_job(namespace, name)
             if job is None:
                 return
             status = MoEJobStatus.model_validate(job.get("status") or {})
-            message = (
-                f"API server answered {error.status} {error.reason}: "
-                + str(error.body or "")[:1000]
-            )
             conditions = set_condition(
                 status.conditions,
                 "Ready",
                 "False",
-                "ChildCreateFailed",
+                reason,
                 message,
                 observed_generation=int(job["metadata"].get("generation", 1)),
                 now=datetime.now(UTC),
             )
             patched = status.model_copy(update={"conditions": conditions}).to_wire()
-            Applier(self.api, 1, self.create_executor).apply(
+            result = Applier(self.api, 1, self.create_executor).apply(
                 job, Decision((), MoEJobStatus.model_validate(patched), (), (), None)
             )
+            if result.job is not None:
+                self.jobs.put(result.job)
         except (ApiException, ValidationError, Conflict):
             log.warning("%s/%s: could not record the API error on the job", namespace, name)
 
@@ -133,14 +165,20 @@ class Reconciler:
         self._progress_at.pop((namespace, name), None)
         self.metrics.job_phase(namespace, name, None)
 
-    def _reconcile(self, namespace: str, name: str, held: _Held) -> float:
-        job = self.api.get_job(namespace, name)
+    def _reconcile(self, namespace: str, name: str, held: _Held) -> float | None:
+        key = (namespace, name)
+        job = self.jobs.get(key)
+        if job is None:  # not seen by the watch yet, or deleted: ask once
+            job = self.api.get_job(namespace, name)
+            if job is not None:
+                self.jobs.put(job)
         if job is None or job["metadata"].get("deletionTimestamp"):
             self.forget(namespace, name)
-            return IDLE_SECONDS
-        raw_pods = self.api.list_job_pods(namespace, name)
+            return None
+        raw_pods = self.pods.job_pods(key)
         observation = self._observe(job, raw_pods)
         catalog = self.catalog.load()
+        held.mark("read")
         environment = Environment(
             planner=self._timed_planner,
             discover=self._discoverer(job, catalog, held),
@@ -148,9 +186,10 @@ class Reconciler:
             config=self.config,
         )
         decision = decide(observation, environment)
+        held.mark("decide")
         created = [m for m in decision.creates if m["kind"] == "Pod"]
         for manifest in created:  # book the nodes before the slow part, then let others plan
-            self.pods.upsert(manifest)
+            self.pods.book(manifest)
         if held.locked:
             self._capacity.release()
             held.locked = False
@@ -159,18 +198,28 @@ class Reconciler:
                 self.api, self.config.max_api_calls_per_reconcile, self.create_executor
             ).apply(job, decision)
         except BaseException:
-            for manifest in created:  # the watch re-adds those that do exist
-                self.pods.remove(namespace, manifest["metadata"]["name"])
+            for manifest in created:
+                self.pods.unbook(manifest)
+            self._plans.pop(key, None)  # a plan ConfigMap write may or may not have landed
             raise
+        held.mark(f"apply {result.calls} calls")
+        if result.job is not None:
+            self.jobs.put(result.job)
+        for manifest in decision.creates:
+            if manifest["kind"] == "ConfigMap" and result.complete:
+                self._remember_plan(key, manifest)
         self.wakeups.record_nodes(
             (namespace, name), frozenset(p.node for p in observation.pods if p.node)
         )
-        self._count_restart(observation.status, decision.status)
+        self._count_restart(key, observation.status, decision.status)
         self.metrics.job_phase(namespace, name, decision.status.phase)
         if not result.complete:
             return 0.0
         if decision.requeue_after is not None:
-            return max(decision.requeue_after, 0.05)
+            delay = decision.requeue_after
+            if decision.status.phase == "Running":  # progress is polled meanwhile
+                delay = min(delay, self.config.resync_seconds, self.config.progress_poll_seconds)
+            return max(delay, 0.05)
         if decision.status.phase in TERMINAL_PHASES:
             return IDLE_SECONDS
         if decision.status.phase == "Running":
@@ -200,7 +249,7 @@ class Reconciler:
             spec_error=spec_error,
             status=status,
             pods=[o for o in (pod_obs(p) for p in raw_pods) if o is not None],
-            nodes=self.nodes.readiness(),
+            nodes=self.nodes.readiness(now),
             now=now,
             plan=plan,
             plan_generation=plan_generation,
@@ -209,24 +258,28 @@ class Reconciler:
         )
 
     def _plan(self, namespace: str, name: str) -> tuple[Plan | None, int]:
-        """The plan ConfigMap, parsed once per resourceVersion."""
+        """The job's plan: from memory, else its ConfigMap (one GET per process and job)."""
+        cached = self._plans.get((namespace, name))
+        if cached is not None:
+            return cached
         config_map = self.api.get_plan_config_map(namespace, name)
-        if config_map is None:
-            self._plans.pop((namespace, name), None)
+        if config_map is None:  # remembered too: a job waiting for capacity asks once
+            self._plans[(namespace, name)] = (None, 0)
             return None, 0
+        return self._remember_plan((namespace, name), config_map)
+
+    def _remember_plan(
+        self, key: tuple[str, str], config_map: dict[str, Any]
+    ) -> tuple[Plan | None, int]:
         generation = int(
             (config_map["metadata"].get("annotations") or {}).get(PLAN_GENERATION_ANNOTATION, 0)
         )
-        version = config_map["metadata"]["resourceVersion"]
-        cached = self._plans.get((namespace, name))
-        if cached and cached[0] == version:
-            return cached[1], generation
         try:
             plan = Plan.from_json((config_map.get("data") or {}).get(PLAN_KEY, ""))
         except ValidationError:
-            log.warning("%s/%s: plan ConfigMap unreadable; re-planning", namespace, name)
+            log.warning("%s/%s: plan ConfigMap unreadable; re-planning", *key)
             return None, generation
-        self._plans[(namespace, name)] = (version, plan)
+        self._plans[key] = (plan, generation)
         return plan, generation
 
     def _progress(
@@ -267,10 +320,12 @@ class Reconciler:
             if catalog is None:
                 return None
             if not held.locked:
+                held.mark("plan-free decide")
                 self._capacity.acquire()
                 held.locked = True
+                held.mark("capacity lock wait")
             spec = MoEJobSpec.model_validate(job["spec"])
-            return discover(
+            found = discover(
                 self.nodes.snapshot(),
                 self.pods.snapshot(),
                 catalog,
@@ -279,6 +334,8 @@ class Reconciler:
                 excluded=excluded,
                 ignore_owner_uid=job["metadata"]["uid"],
             )
+            held.mark("discovery")
+            return found
 
         return discover_now
 
@@ -330,6 +387,17 @@ class Reconciler:
         finally:
             self.metrics.planning_seconds.observe(time.monotonic() - started)
 
-    def _count_restart(self, old: MoEJobStatus, new: MoEJobStatus) -> None:
-        if new.last_failure is not None and new.last_failure != old.last_failure:
-            self.metrics.restarts.labels(new.last_failure.cause).inc()
+    def _count_restart(self, key: tuple[str, str], old: MoEJobStatus, new: MoEJobStatus) -> None:
+        failure = new.last_failure
+        if failure is not None and failure != old.last_failure:
+            self.metrics.restarts.labels(failure.cause).inc()
+            log.info(
+                "%s/%s -> %s: %s of pod %s on node %s (%s): %s",
+                *key,
+                new.phase,
+                failure.cause,
+                failure.pod,
+                failure.node or "-",
+                failure.reason,
+                failure.message[:200],
+            )

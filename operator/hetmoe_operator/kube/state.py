@@ -1,7 +1,11 @@
-"""In-memory state of one operator process: the node cache and per-job wake-ups.
+"""In-memory state of one operator process: watch-fed caches and per-job wake-ups.
 
-Both are rebuilt from the API server at start-up (the node cache by a full LIST before
-any job is reconciled), so losing them with the process loses nothing.
+A reconcile pass reads the job, its pods and every node from these caches instead of
+the API server: under load each GET or LIST costs seconds, and a pass that only reads
+would otherwise wait on three of them. All caches are rebuilt from the API server at
+start-up (full LISTs before any job is reconciled), so losing them with the process
+loses nothing; a stale entry costs at most a pass that is refused (status patches
+carry the resourceVersion they were computed from, creates answer 409).
 """
 
 from __future__ import annotations
@@ -10,17 +14,68 @@ import asyncio
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
+from hetmoe_operator.desired.names import JOB_LABEL, ROLE_LABEL
 from hetmoe_operator.discovery import is_ready
+from hetmoe_operator.reconcile.failures import node_counts_as_up
+from hetmoe_operator.reconcile.observe import parse_time
 
 JobKey = tuple[str, str]
+
+
+def newer(candidate: Mapping[str, Any], current: Mapping[str, Any] | None) -> bool:
+    """Whether ``candidate`` is at least as new as ``current`` (by resourceVersion).
+
+    resourceVersions are opaque by contract but etcd revisions in practice; when both
+    are integers the larger wins, so a late watch event never replaces what our own
+    write returned. Anything else: the latest arrival wins.
+    """
+    if current is None:
+        return True
+    new = str(candidate.get("metadata", {}).get("resourceVersion", ""))
+    old = str(current.get("metadata", {}).get("resourceVersion", ""))
+    if new.isdigit() and old.isdigit():
+        return int(new) >= int(old)
+    return True
+
+
+@dataclass
+class JobCache:
+    """Latest body of every MoEJob: from the MoEJob watch and our own status patches."""
+
+    _jobs: dict[JobKey, dict[str, Any]] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def put(self, body: Mapping[str, Any]) -> None:
+        meta = body.get("metadata", {})
+        key = (str(meta.get("namespace", "")), str(meta.get("name", "")))
+        with self._lock:
+            if newer(body, self._jobs.get(key)):
+                self._jobs[key] = dict(body)
+
+    def remove(self, key: JobKey) -> None:
+        with self._lock:
+            self._jobs.pop(key, None)
+
+    def get(self, key: JobKey) -> dict[str, Any] | None:
+        with self._lock:
+            return self._jobs.get(key)
 
 
 def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
     """The parts of a Node discovery and health checks read (keeps memory flat)."""
     meta, spec, status = node.get("metadata", {}), node.get("spec") or {}, node.get("status") or {}
     ready = is_ready(node)
+    since = next(
+        (
+            c.get("lastTransitionTime")
+            for c in status.get("conditions") or ()
+            if c.get("type") == "Ready"
+        ),
+        None,
+    )
     return {
         "metadata": {"name": meta.get("name"), "labels": dict(meta.get("labels") or {})},
         "spec": {
@@ -29,7 +84,13 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
         },
         "status": {
             "allocatable": dict(status.get("allocatable") or {}),
-            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True" if ready else "False",
+                    "lastTransitionTime": since,
+                }
+            ],
         },
     }
 
@@ -62,9 +123,16 @@ class NodeCache:
         with self._lock:
             return list(self._nodes.values())
 
-    def readiness(self) -> dict[str, bool]:
+    def readiness(self, now: datetime) -> dict[str, bool]:
+        """Node -> whether its pods count as alive (``reconcile.failures`` grace)."""
         with self._lock:
-            return {name: is_ready(n) for name, n in self._nodes.items()}
+            nodes = list(self._nodes.items())
+        return {
+            name: node_counts_as_up(
+                is_ready(n), parse_time(n["status"]["conditions"][0]["lastTransitionTime"]), now
+            )
+            for name, n in nodes
+        }
 
 
 def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
@@ -75,6 +143,7 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
             "labels": dict(meta.get("labels") or {}),
             "ownerReferences": [{"uid": o.get("uid")} for o in meta.get("ownerReferences") or ()],
             "deletionTimestamp": meta.get("deletionTimestamp"),
+            "resourceVersion": meta.get("resourceVersion"),
         },
         "spec": {
             "nodeName": spec.get("nodeName"),
@@ -92,38 +161,125 @@ def slim_pod(pod: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
+def slim_worker(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """The parts of a worker pod a pass reads (``reconcile.observe.pod_obs``, progress)."""
+    meta, spec, status = pod.get("metadata", {}), pod.get("spec") or {}, pod.get("status") or {}
+    return {
+        "metadata": {
+            "name": meta.get("name"),
+            "namespace": meta.get("namespace"),
+            "labels": dict(meta.get("labels") or {}),
+            "deletionTimestamp": meta.get("deletionTimestamp"),
+            "resourceVersion": meta.get("resourceVersion"),
+        },
+        "spec": {"nodeName": spec.get("nodeName")},
+        "status": {
+            key: status[key]
+            for key in ("phase", "reason", "message", "podIP", "conditions", "containerStatuses")
+            if key in status
+        },
+    }
+
+
 @dataclass
 class PodIndex:
-    """Slim copies of every non-terminated pod, fed by a LIST at start-up and the Pod
-    watch, so planning never LISTs all pods (megabytes at 1,000+ nodes).
+    """Slim copies of every non-terminated pod, and of every worker pod in any phase,
+    fed by LISTs at start-up and the Pod watch: planning never LISTs all pods
+    (megabytes at 1,000+ nodes) and a pass never LISTs its job's pods.
 
     Pods the operator creates are added at once (before the watch reports them) so
-    the next job planned cannot book the same nodes.
+    the next job planned cannot book the same nodes and the next pass of the same
+    job sees them.
     """
 
     _pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    _workers: dict[JobKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    """(namespace, job) -> pod name -> slim worker; finished pods too (exit codes)."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def replace_workers(self, pods: Sequence[Mapping[str, Any]]) -> None:
+        """Every worker pod, whatever its phase (start-up)."""
+        workers: dict[JobKey, dict[str, dict[str, Any]]] = {}
+        for pod in pods:
+            job = self._job(pod)
+            if job is not None:
+                workers.setdefault(job, {})[str(pod["metadata"]["name"])] = slim_worker(pod)
+        with self._lock:
+            self._workers = workers
 
     @staticmethod
     def _key(pod: Mapping[str, Any]) -> tuple[str, str]:
         meta = pod.get("metadata", {})
         return str(meta.get("namespace", "")), str(meta.get("name", ""))
 
+    @staticmethod
+    def _job(pod: Mapping[str, Any]) -> JobKey | None:
+        meta = pod.get("metadata", {})
+        labels = meta.get("labels") or {}
+        job = labels.get(JOB_LABEL)
+        if not job or labels.get(ROLE_LABEL) != "worker":
+            return None
+        return str(meta.get("namespace", "")), str(job)
+
+    def job_pods(self, key: JobKey) -> list[dict[str, Any]]:
+        """The job's worker pods as last seen (or just created by this process)."""
+        with self._lock:
+            return list(self._workers.get(key, {}).values())
+
     def replace_all(self, pods: Sequence[Mapping[str, Any]]) -> None:
         with self._lock:
             self._pods = {self._key(p): slim_pod(p) for p in pods}
 
     def upsert(self, pod: Mapping[str, Any]) -> None:
+        """A pod as the watch reports it (always wins over a booked manifest)."""
         key = self._key(pod)
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
-            self.remove(*key)
-            return
+        job = self._job(pod)
         with self._lock:
-            self._pods[key] = slim_pod(pod)
+            if job is not None:
+                self._workers.setdefault(job, {})[key[1]] = slim_worker(pod)
+            if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                self._pods.pop(key, None)
+            else:
+                self._pods[key] = slim_pod(pod)
 
-    def remove(self, namespace: str, name: str) -> None:
+    def remove(self, pod: Mapping[str, Any]) -> None:
+        """A pod DELETED event: drop it from both views."""
+        key = self._key(pod)
+        job = self._job(pod)
         with self._lock:
-            self._pods.pop((namespace, name), None)
+            self._pods.pop(key, None)
+            if job is not None:
+                self._drop_worker(job, key[1])
+
+    def book(self, manifest: Mapping[str, Any]) -> None:
+        """A pod this process is about to create: visible at once to discovery (so no
+        other job plans onto its node) and to the job's next pass. Never replaces
+        what the watch reported."""
+        key = self._key(manifest)
+        job = self._job(manifest)
+        with self._lock:
+            self._pods.setdefault(key, slim_pod(manifest))
+            if job is not None:
+                self._workers.setdefault(job, {}).setdefault(key[1], slim_worker(manifest))
+
+    def unbook(self, manifest: Mapping[str, Any]) -> None:
+        """Undo ``book`` after a failed apply, unless the watch has confirmed the pod
+        (an entry with a resourceVersion exists on the server)."""
+        key = self._key(manifest)
+        job = self._job(manifest)
+        with self._lock:
+            if not self._pods.get(key, {}).get("metadata", {}).get("resourceVersion"):
+                self._pods.pop(key, None)
+            if job is not None:
+                entry = self._workers.get(job, {}).get(key[1], {})
+                if not entry.get("metadata", {}).get("resourceVersion"):
+                    self._drop_worker(job, key[1])
+
+    def _drop_worker(self, job: JobKey, name: str) -> None:
+        pods = self._workers.get(job, {})
+        pods.pop(name, None)
+        if not pods:
+            self._workers.pop(job, None)
 
     def snapshot(self) -> list[dict[str, Any]]:
         with self._lock:

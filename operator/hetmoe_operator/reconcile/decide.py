@@ -22,7 +22,7 @@ from hetmoe_operator.api.catalog import DeviceCatalog
 from hetmoe_operator.api.job import MoEJobSpec
 from hetmoe_operator.api.operator_config import OperatorConfig
 from hetmoe_operator.api.status import TERMINAL_PHASES, FailureStatus, MoEJobStatus, Phase
-from hetmoe_operator.desired.children import plan_config_map, rendezvous_service
+from hetmoe_operator.desired.children import plan_config_map, pod_group, rendezvous_service
 from hetmoe_operator.desired.names import plan_config_map_name
 from hetmoe_operator.desired.worker import PodContext, worker_pods
 from hetmoe_operator.discovery import worker_tolerations
@@ -36,6 +36,8 @@ from hetmoe_operator.reconcile.planning import (
     make_plan,
     plan_fits,
     plan_status,
+    pool_needs,
+    trim,
 )
 
 DELETE_POLL_SECONDS = 1.0
@@ -251,15 +253,75 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
         run.phase(
             "Running", "WorkersRunning", f"generation {status.generation}: {total} workers running"
         )
+        _maybe_scale_up(run, spec)
         return
     scheduled = sum(bool(p.node) for p in current)
-    run.cond(
-        "Ready",
-        "False",
-        "WorkersCreating",
-        f"{running}/{total} workers running, {scheduled}/{total} scheduled",
-    )
+    progress = f"{running}/{total} workers running, {scheduled}/{total} scheduled"
+    blocked = [p for p in current if p.unschedulable and not p.node]
+    if blocked:
+        _unschedulable(run, blocked, progress)
+    else:
+        run.cond("Ready", "False", "WorkersCreating", progress)
     run.requeue(run.env.config.resync_seconds)
+
+
+def _unschedulable(run: _Pass, blocked: Sequence[PodObs], progress: str) -> None:
+    """Surface the scheduler's own words: "Pending" alone never says that a taint, a
+    full node or a missing resource is in the way. One event when it starts; the
+    condition follows the latest message."""
+    first = blocked[0]
+    message = (
+        f"{progress}; {len(blocked)} cannot be scheduled, e.g. {first.name}: {first.unschedulable}"
+    )
+    ready = condition(run.status.conditions, "Ready")
+    if ready is None or ready.reason != "Unschedulable":
+        run.events.append(Event("Warning", "Unschedulable", message))
+    run.cond("Ready", "False", "Unschedulable", message)
+
+
+def _maybe_scale_up(run: _Pass, spec: MoEJobSpec) -> None:
+    """elastic.scaleUp: when more nodes are usable than the job runs on, start a new
+    generation on a plan for the larger capacity.
+
+    Rate-limited twice: the job must have been Running for the stabilisation window
+    (so a job that just restarted is not restarted again), and capacity is looked at
+    once per window (discovery and the planner are not free). Only a plan on strictly
+    more nodes counts as growth, so the job never re-plans sideways or shrinks here.
+    """
+    elastic, obs = spec.elastic, run.obs
+    plan, catalog = obs.plan, run.env.catalog
+    if not elastic.scale_up or plan is None or catalog is None:
+        return
+    window = elastic.scale_up_stabilization_seconds
+    ready = condition(run.status.conditions, "Ready")
+    since = parse_time(ready.last_transition_time) if ready else None
+    checked = parse_time(run.status.scale_up_checked_time)
+    waits = [window - (obs.now - t).total_seconds() for t in (since, checked) if t is not None]
+    if since is None or max(waits) > 0:
+        run.requeue(max(max(waits), 0.05))
+        return
+    run.update(scale_up_checked_time=rfc3339(obs.now))
+    run.requeue(window)
+    current = sum(nodes for nodes, _ in pool_needs(plan).values())
+    if elastic.max_nodes is not None and current >= elastic.max_nodes:
+        return
+    discovery = run.env.discover(run.status.excluded_nodes)
+    if discovery is None or sum(p.nodes for p in trim(discovery.pools, elastic.max_nodes)) <= (
+        current
+    ):
+        return
+    outcome = make_plan(spec, obs.job.name, discovery, catalog, run.env.planner, previous=plan)
+    if outcome.plan is None:
+        return
+    grown = sum(nodes for nodes, _ in pool_needs(outcome.plan).values())
+    if grown <= current:
+        return
+    message = f"{current} -> {grown} nodes: more capacity is usable ({discovery.summary()})"
+    run.cond("Restarting", "True", "ScaledUp", message)
+    run.phase("Restarting", "ScaledUp", message)
+    plan_generation = run.status.plan_generation + 1
+    run.creates.append(plan_config_map(obs.job, outcome.plan, plan_generation))
+    _launch(run, spec, outcome.plan, plan_generation, run.status.generation + 1, planned=True)
 
 
 def _handle_failure(
@@ -326,12 +388,16 @@ def _fail(run: _Pass, reason: str, message: str) -> None:
 
 
 def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
-    """Nothing running: wait for old pods and backoff, then keep or make a plan, launch."""
+    """Nothing running: stop old pods, wait out the backoff, keep or make a plan, launch.
+
+    The next generation does not wait for the old pods to be gone: they are deleted in
+    the same pass, and the scheduler keeps devices of a terminating pod booked until
+    it is gone, so new workers can never share a device with old ones. Not waiting
+    takes a kubelet (or kwok) round trip per restart off the recovery time, and a pod
+    stuck terminating never holds up the job.
+    """
     obs = run.obs
-    leftovers = [p for p in obs.pods if p.generation <= run.status.generation]
-    if leftovers:
-        run.stop(leftovers)
-        return
+    run.stop([p for p in obs.pods if p.generation <= run.status.generation])
     if run.status.restart_after:
         after = parse_time(run.status.restart_after)
         wait = (after - obs.now).total_seconds() if after else 0.0
@@ -402,6 +468,8 @@ def _launch(
     existing = {p.name for p in obs.pods}
     run.creates.append(rendezvous_service(obs.job, run.env.config.worker_ports))
     pods = worker_pods(plan, _pod_context(run, spec, plan, generation))
+    if spec.scheduling.gang == "coscheduling":
+        run.creates.append(pod_group(obs.job, generation, len(pods)))
     run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
     run.stop([p for p in obs.pods if p.generation < generation])
     name = plan_config_map_name(obs.job.name)

@@ -20,6 +20,24 @@ from hetmoe_operator.reconcile.observe import PodObs
 NODE_LOST = "NodeLost"
 STUCK_TERMINATING_SECONDS = 30.0
 """A pod still present this long after its deletion deadline is force-deleted."""
+NOT_READY_GRACE_SECONDS = 20.0
+"""A node NotReady for less than this still counts as up for the pods on it.
+
+A kubelet (or kwok, on a loaded host) that misses one lease renewal flips its node
+NotReady for a few seconds; restarting every job on it each time costs a restart
+generation and a checkpoint reload for nothing. Kubernetes itself waits far longer
+(node-monitor-grace-period, then 300 s taint tolerations) before evicting; a short
+grace keeps node loss detection fast while riding out blips. A deleted node is lost
+at once. New plans never use a NotReady node (discovery), whatever its age."""
+
+
+def node_counts_as_up(ready: bool, not_ready_since: datetime | None, now: datetime) -> bool:
+    """Whether the pods on a node should be treated as alive (see the grace above)."""
+    if ready:
+        return True
+    if not_ready_since is None:
+        return False
+    return (now - not_ready_since).total_seconds() < NOT_READY_GRACE_SECONDS
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,9 @@ class PodObs:
     deletion_deadline: datetime | None = None
     """deletionTimestamp (deletion requested at this moment minus the grace period)."""
     ip: str = ""
+    unschedulable: str = ""
+    """The scheduler's message while it cannot place the pod (PodScheduled=False,
+    reason Unschedulable), e.g. ``0/8 nodes are available: 8 Insufficient cpu``."""
 
     @property
     def deleting(self) -> bool:
@@ -74,6 +77,16 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
             break
         if terminated and exit_code is None:
             exit_code = int(terminated.get("exitCode") or 0)
+    unschedulable = next(
+        (
+            str(c.get("message") or "no message from the scheduler")
+            for c in status.get("conditions") or ()
+            if c.get("type") == "PodScheduled"
+            and c.get("status") == "False"
+            and c.get("reason") == "Unschedulable"
+        ),
+        "",
+    )
     return PodObs(
         name=str(meta.get("name", "")),
         generation=generation,
@@ -86,6 +99,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         message=message,
         deletion_deadline=parse_time(meta.get("deletionTimestamp")),
         ip=str(status.get("podIP") or ""),
+        unschedulable=unschedulable,
     )
 
 

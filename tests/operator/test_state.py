@@ -1,0 +1,91 @@
+"""The watch-fed caches a reconcile pass reads instead of the API server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hetmoe_operator.kube.state import JobCache, PodIndex
+
+
+def worker(
+    name: str, job: str = "j", rv: str | None = "5", phase: str = "Pending"
+) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": "ns",
+        "labels": {"hetmoe.io/job": job, "hetmoe.io/role": "worker"},
+    }
+    if rv is not None:
+        meta["resourceVersion"] = rv
+    return {
+        "metadata": meta,
+        "spec": {"nodeName": "n1", "containers": []},
+        "status": {"phase": phase},
+    }
+
+
+def test_workers_are_kept_per_job_in_every_phase_and_dropped_when_deleted() -> None:
+    index = PodIndex()
+    index.upsert(worker("a"))
+    index.upsert(worker("b", phase="Failed"))
+    index.upsert({"metadata": {"name": "other", "namespace": "ns"}, "spec": {}, "status": {}})
+    assert sorted(p["metadata"]["name"] for p in index.job_pods(("ns", "j"))) == ["a", "b"]
+    assert len(index.snapshot()) == 2, "finished pods hold no devices"
+    index.remove(worker("b"))
+    assert [p["metadata"]["name"] for p in index.job_pods(("ns", "j"))] == ["a"]
+
+
+def test_booking_never_hides_what_the_watch_saw_and_unbooking_keeps_confirmed_pods() -> None:
+    index = PodIndex()
+    index.upsert(worker("seen", phase="Running"))
+    index.book(worker("seen", rv=None))
+    index.book(worker("new", rv=None))
+    pods = {p["metadata"]["name"]: p for p in index.job_pods(("ns", "j"))}
+    assert pods["seen"]["status"]["phase"] == "Running"
+    index.unbook(worker("seen", rv=None))
+    index.unbook(worker("new", rv=None))
+    assert [p["metadata"]["name"] for p in index.job_pods(("ns", "j"))] == ["seen"]
+    assert len(index.snapshot()) == 1
+
+
+def test_job_cache_keeps_the_newest_resource_version() -> None:
+    cache = JobCache()
+    cache.put({"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "10"}})
+    cache.put({"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "9"}})
+    assert cache.get(("ns", "j"))["metadata"]["resourceVersion"] == "10"  # type: ignore[index]
+    cache.put({"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "11"}})
+    assert cache.get(("ns", "j"))["metadata"]["resourceVersion"] == "11"  # type: ignore[index]
+    cache.remove(("ns", "j"))
+    assert cache.get(("ns", "j")) is None
+
+
+def test_a_node_not_ready_for_a_moment_still_counts_as_up_a_deleted_one_never() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from hetmoe_operator.kube.state import NodeCache
+    from hetmoe_operator.reconcile.failures import NOT_READY_GRACE_SECONDS
+
+    flipped = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    cache = NodeCache()
+    cache.replace_all(
+        [
+            {
+                "metadata": {"name": name},
+                "status": {
+                    "conditions": [
+                        {
+                            "type": "Ready",
+                            "status": status,
+                            "lastTransitionTime": flipped.strftime("%Y-%m-%dT%H:%M:%SZ"),
+                        }
+                    ]
+                },
+            }
+            for name, status in (("up", "True"), ("blip", "False"))
+        ]
+    )
+    assert cache.readiness(flipped + timedelta(seconds=5)) == {"up": True, "blip": True}
+    late = flipped + timedelta(seconds=NOT_READY_GRACE_SECONDS + 1)
+    assert cache.readiness(late) == {"up": True, "blip": False}
+    cache.remove("blip")
+    assert cache.readiness(late) == {"up": True}
