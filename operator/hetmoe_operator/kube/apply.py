@@ -59,8 +59,14 @@ class KubeApi:
         self.custom: Any = CustomObjectsApi(client)
         self.metrics = metrics
 
-    def call(self, verb: str, resource: str, fn: Callable[[], T]) -> T:
+    def call(
+        self, verb: str, resource: str, fn: Callable[[], T], *, expected: tuple[int, ...] = ()
+    ) -> T:
         """One counted request; its answer is read in full before returning.
+
+        ``expected`` statuses are answers the caller acts on as normal outcomes (404 "not
+        made yet", 409 "already exists" on idempotent creates); they are not counted as
+        API errors, so the error metric only moves when something is really wrong.
 
         With ``_preload_content=False`` an answer nobody reads (creates, deletes,
         events) keeps its connection out of the pool, so the next request opens a new
@@ -71,7 +77,8 @@ class KubeApi:
         try:
             response = fn()
         except ApiException as error:
-            self.metrics.api_errors.labels(verb, resource, str(error.status)).inc()
+            if error.status not in expected:
+                self.metrics.api_errors.labels(verb, resource, str(error.status)).inc()
             raise
         getattr(response, "data", None)  # reads and caches the body, releasing the connection
         return response
@@ -84,6 +91,7 @@ class KubeApi:
                 lambda: self.custom.get_namespaced_custom_object(
                     GROUP, VERSION, namespace, PLURAL, name, _preload_content=False
                 ),
+                expected=(404,),
             )
         except ApiException as error:
             if error.status == 404:
@@ -126,6 +134,7 @@ class KubeApi:
                 lambda: self.core.read_namespaced_config_map(
                     plan_config_map_name(job), namespace, _preload_content=False
                 ),
+                expected=(404,),
             )
         except ApiException as error:
             if error.status == 404:
@@ -198,7 +207,7 @@ class Applier:
             ),
         }
         try:
-            self.api.call("create", kind.lower() + "s", creators[kind])
+            self.api.call("create", kind.lower() + "s", creators[kind], expected=(409,))
         except ApiException as error:
             if error.status == 404 and kind == "PodGroup":
                 raise KindNotInstalled(
@@ -229,6 +238,7 @@ class Applier:
                 lambda: self.api.custom.patch_namespaced_custom_object_status(
                     GROUP, VERSION, namespace, PLURAL, name, body, _preload_content=False
                 ),
+                expected=(404, 409),
             )
         except ApiException as error:
             if error.status in (404, 409):
@@ -245,6 +255,7 @@ class Applier:
                 lambda: self.api.core.delete_namespaced_pod(
                     name, namespace, body=options, _preload_content=False
                 ),
+                expected=(404,),
             )
         except ApiException as error:
             if error.status != 404:
