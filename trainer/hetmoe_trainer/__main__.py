@@ -100,6 +100,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--max-rollbacks", type=int, default=3, help="rollbacks to one checkpoint allowed"
     )
     parser.add_argument(
+        "--grad-overlap",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="reduce gradient buckets during backward; auto = on for CUDA, off on CPU",
+    )
+    parser.add_argument(
+        "--grad-bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size, MiB"
+    )
+    parser.add_argument(
         "--inject-fault",
         action="append",
         default=[],
@@ -108,6 +117,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    if args.grad_bucket_mb <= 0:
+        raise PlanError("--grad-bucket-mb must be positive")
     for name in ("checkpoint_interval", "keep_checkpoints"):
         if getattr(args, name) < 1:
             raise PlanError(f"--{name.replace('_', '-')} must be at least 1")
@@ -175,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         max_rollbacks=args.max_rollbacks,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         simulated_slowdown=slowdown,
+        overlap_grad_sync={"auto": None, "on": True, "off": False}[args.grad_overlap],
+        grad_bucket_bytes=max(1, int(args.grad_bucket_mb * (1 << 20))),
     )
     code = Trainer(context, options).run()
     dist.destroy_process_group()

@@ -30,9 +30,6 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Literal
 
-import torch
-from torch import nn
-
 from hetmoe_operator.api.training import AnomalyPolicy
 
 LOWERED_LR_FACTOR = 0.1
@@ -241,7 +238,9 @@ class Fault:
     Keys: ``kind`` (nan | spike | slow | crash), ``step`` (the step it fires at; for
     ``slow`` the first slowed step, default 0), ``rank`` (plan rank, default all),
     ``seconds`` (slow: delay per step), ``scale`` (spike: loss factor), ``sticky``
-    (spike: the batch's samples stay poisoned, so a re-injection spikes again),
+    (spike: the batch's samples stay poisoned, so a re-injection spikes again; nan:
+    a NaN gradient at every step from ``step`` on, e.g. broken hardware, so rollbacks
+    cannot clear it and ``ROLLBACK_EXHAUSTED`` follows),
     ``when`` (crash: ``step`` or ``save`` = right after starting that step's
     checkpoint), ``attempt`` (crash: only on this torchrun restart attempt).
     """
@@ -319,11 +318,14 @@ class FaultInjector:
                     self.poisoned.update(samples)
         return scale
 
-    @torch.no_grad()
-    def poison_gradients(self, step: int, params: list[nn.Parameter]) -> None:
-        """Write a NaN into the first gradient at a ``nan`` fault's step."""
-        if any([self._fires(f, step) for f in self._mine("nan")]):
-            params[0].grad.view(-1)[0] = float("nan")
+    def nan_gradients(self, step: int) -> bool:
+        """Whether this step's backward must produce NaN gradients (every step if sticky).
+
+        The NaN enters in backward, as a real one would, so it travels through the
+        gradient all-reduces (overlapped with backward or not) to every holder.
+        """
+        faults = self._mine("nan")
+        return any([self._fires(f, step) or (f.sticky and step >= f.step) for f in faults])
 
     def delay(self, step: int) -> None:
         """Sleep like a slow device before gradient sync."""

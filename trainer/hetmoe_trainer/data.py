@@ -158,6 +158,16 @@ class SampleStream:
         self.consumed = position
         return indices
 
+    def skip(self, start: int, end: int) -> None:
+        """Never train on samples ``[start, end)``; overlapping ranges are merged, sorted."""
+        merged: list[tuple[int, int]] = []
+        for a, b in sorted([*self.skip_ranges, (start, end)]):
+            if merged and a <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            else:
+                merged.append((a, b))
+        self.skip_ranges = merged
+
     def state_dict(self) -> dict:
         """JSON-serialisable state."""
         return {"consumed": self.consumed, "skip_ranges": [list(r) for r in self.skip_ranges]}

@@ -12,14 +12,27 @@ single-process mean loss.
 Why not DDP or FSDP2: both reduce all parameters of a module over one group with a
 fixed average, while here each expert has its own holder set (a DDP/FSDP group per
 expert would mean a wrapper per expert and averaging factors that differ per holder
-set), and the pipeline schedule runs several backwards per step. One bucketed
-all-reduce per holder set after the schedule's last backward is simple, exact and
-communication-minimal for this layout; overlapping it with the backward is future work.
+set), and the pipeline schedule runs several backwards per step.
+
+Overlap with backward (``overlap=True``): parameters are bucketed per holder set in
+roughly reverse forward order (head, last layer ... first layer, embedding), and a
+``register_post_accumulate_grad_hook`` counts each parameter's accumulations. A
+parameter is final once it has accumulated ``accumulations`` times (one per
+microbatch); a bucket whose parameters are all final launches its async all-reduce
+right away, while backward continues. Buckets of one holder set always launch in
+bucket order, so every holder issues the same collective sequence on the group even
+when routing left an expert without gradient in some microbatch on one rank (such a
+bucket, and everything after it in that group, launches in :meth:`sync` instead).
+:meth:`sync` launches what is left and waits for everything before the optimizer.
+Each bucket is the same flat tensor reduced by the same collective either way, so
+the result is bit-identical to ``overlap=False``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -29,21 +42,49 @@ from hetmoe_trainer.distributed import ParallelContext
 from hetmoe_trainer.model import Stage
 
 DEFAULT_BUCKET_BYTES = 25 << 20
+_LAYER = re.compile(r"^layers\.(\d+)\.")
 
 
-@dataclass
+def backward_order(name: str) -> tuple[int, str]:
+    """Sort key putting parameters in roughly the order backward finishes them.
+
+    Head and final norm first, then layers from the last to the first, the embedding
+    last; ties by name. Names are global (layer and expert ids), so every holder
+    computes the same order and therefore the same bucket layout.
+    """
+    if name.startswith(("head.", "norm.")):
+        return (-1, name)
+    match = _LAYER.match(name)
+    if match:
+        return (1 << 30) - int(match.group(1)), name
+    return (1 << 31, name)
+
+
+@dataclass(eq=False)
 class Bucket:
     """Gradients reduced together in one flat all-reduce."""
 
     group: dist.ProcessGroup | None
     params: list[nn.Parameter]
+    final: int = 0
+    """Parameters whose gradient is final this step (overlap only)."""
+    work: tuple[torch.Tensor, dist.Work] | None = None
+    """The flat gradient in flight and its pending all-reduce, once launched."""
+    lane: list[Bucket] = field(default_factory=list, repr=False)
+    """The buckets of this bucket's holder set, in launch order (shared list)."""
 
 
 class GradientSync:
     """Sums gradients over each parameter's holder set and counts each parameter once for norms."""
 
     def __init__(
-        self, stage: Stage, context: ParallelContext, bucket_bytes: int = DEFAULT_BUCKET_BYTES
+        self,
+        stage: Stage,
+        context: ParallelContext,
+        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        *,
+        overlap: bool = False,
+        accumulations: int = 1,
     ) -> None:
         by_holders: dict[tuple[int, ...], list[tuple[str, nn.Parameter]]] = {}
         for name, param in stage.named_parameters():
@@ -55,10 +96,10 @@ class GradientSync:
         self.buckets: list[Bucket] = []
         self.counted: list[nn.Parameter] = []
         """Parameters whose gradient this rank contributes to the global norm."""
+        self.lanes: list[list[Bucket]] = []
+        """Buckets per holder set, each in launch order."""
         for holders in sorted(by_holders):
-            # Names are global (layer and expert ids), so sorting by name gives every
-            # holder the same order and bucket layout.
-            named = sorted(by_holders[holders], key=lambda item: item[0])
+            named = sorted(by_holders[holders], key=lambda item: backward_order(item[0]))
             if holders[0] == context.rank:
                 self.counted.extend(p for _, p in named)
             if len(holders) == 1:
@@ -68,16 +109,56 @@ class GradientSync:
                 if holders == context.dense_holders
                 else context.expert_groups[holders]
             )
+            lane: list[Bucket] = []
             current: list[nn.Parameter] = []
             size = 0
             for _, param in named:
                 current.append(param)
                 size += param.numel() * param.element_size()
                 if size >= bucket_bytes:
-                    self.buckets.append(Bucket(group, current))
+                    lane.append(Bucket(group, current, lane=lane))
                     current, size = [], 0
             if current:
-                self.buckets.append(Bucket(group, current))
+                lane.append(Bucket(group, current, lane=lane))
+            self.lanes.append(lane)
+            self.buckets.extend(lane)
+
+        self.overlap = overlap
+        self.accumulations = accumulations
+        self.launched_in_backward = 0
+        """Buckets of the last step launched by the hooks (during backward)."""
+        self._counts: dict[nn.Parameter, int] = {}
+        if overlap:
+            for bucket in self.buckets:
+                for param in bucket.params:
+                    param.register_post_accumulate_grad_hook(self._hook(bucket))
+
+    def _hook(self, bucket: Bucket) -> Callable[[nn.Parameter], None]:
+        def on_grad(param: nn.Parameter) -> None:
+            count = self._counts.get(param, 0) + 1
+            self._counts[param] = count
+            if count > self.accumulations:
+                raise RuntimeError(
+                    f"a parameter accumulated {count} gradients in one step, more than the "
+                    f"{self.accumulations} microbatches: its bucket was already reduced"
+                )
+            if count == self.accumulations:
+                bucket.final += 1
+                self._launch_ready(bucket.lane)
+
+        return on_grad
+
+    def _launch_ready(self, lane: list[Bucket]) -> None:
+        for bucket in lane:
+            if bucket.work is None:
+                if bucket.final < len(bucket.params):
+                    return
+                self._launch(bucket)
+
+    @torch.no_grad()
+    def _launch(self, bucket: Bucket) -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket.params])
+        bucket.work = (flat, dist.all_reduce(flat, group=bucket.group, async_op=True))
 
     def materialize(self) -> None:
         """Give every parameter a zero gradient if it has none, so bucket layouts always match."""
@@ -87,19 +168,23 @@ class GradientSync:
 
     @torch.no_grad()
     def sync(self) -> None:
-        """Sum every bucket over its holders; all buckets are in flight at once."""
+        """Sum every bucket over its holders: launch what backward did not, wait for all."""
         self.materialize()
-        pending = []
+        self.launched_in_backward = sum(b.work is not None for b in self.buckets)
+        for lane in self.lanes:
+            for bucket in lane:
+                if bucket.work is None:
+                    self._launch(bucket)
         for bucket in self.buckets:
-            flat = torch.cat([p.grad.reshape(-1) for p in bucket.params])
-            work = dist.all_reduce(flat, group=bucket.group, async_op=True)
-            pending.append((bucket, flat, work))
-        for bucket, flat, work in pending:
+            assert bucket.work is not None
+            flat, work = bucket.work
             work.wait()
             for param, chunk in zip(
                 bucket.params, flat.split([p.numel() for p in bucket.params]), strict=True
             ):
                 param.grad.copy_(chunk.view_as(param.grad))
+            bucket.work, bucket.final = None, 0
+        self._counts.clear()
 
     @torch.no_grad()
     def local_norm_sq(self) -> torch.Tensor:

@@ -5,7 +5,8 @@ One step, identical on every rank:
 1. take the step's global batch (the next ``global_batch_size`` stream samples, or a
    set-aside batch due for re-injection) and keep this replica's contiguous slice;
 2. run the microbatches through the pipeline (:class:`StepRunner`);
-3. sum gradients over each parameter's holders (:class:`GradientSync`);
+3. sum gradients over each parameter's holders (:class:`GradientSync`; buckets
+   whose gradients are final already left during backward, the rest go now);
 4. one all-reduce over the world of ``[loss, grad-norm^2, non-finite flag,
    per-rank ready time...]`` gives every rank the global loss, norm and step times;
 5. the anomaly detector decides (same inputs everywhere, so the same verdict):
@@ -43,7 +44,7 @@ from hetmoe_trainer.anomaly import (
 from hetmoe_trainer.checkpoint import Checkpointer, training_state
 from hetmoe_trainer.data import SampleStream, batch_tensors, build_source, replica_slice
 from hetmoe_trainer.distributed import ParallelContext
-from hetmoe_trainer.gradsync import GradientSync
+from hetmoe_trainer.gradsync import DEFAULT_BUCKET_BYTES, GradientSync
 from hetmoe_trainer.metrics import (
     MetricsServer,
     TrainerMetrics,
@@ -90,6 +91,14 @@ class TrainerOptions:
     """torchrun's TORCHELASTIC_RESTART_COUNT."""
     simulated_slowdown: float = 1.0
     """Local mode's simulated grade: stretch this rank's compute by this factor."""
+    overlap_grad_sync: bool | None = None
+    """Launch each gradient bucket's all-reduce during backward, once it is final.
+
+    None (auto): on for CUDA, off on CPU, where gloo's reduction threads compete with
+    backward for the same cores (bench/trainer/bench_gradsync.py measured it slower).
+    """
+    grad_bucket_bytes: int = DEFAULT_BUCKET_BYTES
+    """Gradient bytes per all-reduce bucket (smaller: earlier launches, more calls)."""
 
 
 def simulated_delay(compute_seconds: float, slowdown: float) -> float:
@@ -137,7 +146,17 @@ class Trainer:
             dtype=torch.float32,
         )
         self.runner = StepRunner(self.stage, context)
-        self.sync = GradientSync(self.stage, context)
+        self.sync = GradientSync(
+            self.stage,
+            context,
+            options.grad_bucket_bytes,
+            overlap=(
+                device.type == "cuda"
+                if options.overlap_grad_sync is None
+                else options.overlap_grad_sync
+            ),
+            accumulations=context.replica.num_microbatches,
+        )
         self.optimizer = build_optimizer(self.stage.named_parameters(), training.weight_decay)
         self.source = build_source(
             training.data, plan.model.vocab_size, training.sequence_length, training.seed
@@ -157,6 +176,8 @@ class Trainer:
             use_async=options.async_checkpoint,
         )
         self.rollbacks: dict[int, int] = {}
+        self._save_due = False
+        """A checkpoint interval passed during a skip streak: save at the next good step."""
         self.step = 0
         self.history: list[dict] = []
         """Per-step records (also in train_log.jsonl on plan rank 0)."""
@@ -240,7 +261,7 @@ class Trainer:
             log.error("%s", stop)
             self.checkpointer.wait()
             state = "straggler" if stop.code == WorkerExit.REPLACE_NODE else "rollback-exhausted"
-            self._report(state=state)
+            self._report(state=state, anomalies=self.detector.counts, events=self.detector.events)
             return stop.code
         finally:
             if self.server is not None:
@@ -264,17 +285,24 @@ class Trainer:
         if self.runner.is_first or self.runner.is_last:
             inputs, targets = batch_tensors(self.source, mine, self.context.device.device)
         self.runner.loss_scale = self.faults.loss_scale(self.step, samples)
+        self.runner.compute.nan_gradients = self.faults.nan_gradients(self.step)
         times.add("data", time.perf_counter() - start)
 
         phase = time.perf_counter()
-        forward_before = self.runner.compute.forward_seconds
+        compute = self.runner.compute
+        before = (compute.forward_seconds, compute.forward_exchange_seconds)
+        exchanged = compute.exchanges.seconds
         local_loss = self.runner.run(inputs, targets, self.step)
         self.runner.loss_scale = 1.0
-        forward = self.runner.compute.forward_seconds - forward_before
-        times.add("forward", forward)
-        times.add("backward", time.perf_counter() - phase - forward)
-        self.sync.materialize()
-        self.faults.poison_gradients(self.step, self.sync.params)
+        self.runner.compute.nan_gradients = False
+        forward = compute.forward_seconds - before[0]
+        forward_exchange = compute.forward_exchange_seconds - before[1]
+        exchange = compute.exchanges.seconds - exchanged
+        # The EP exchanges run inside forward and backward; report them as their own
+        # phase so forward + backward + all_to_all is still the pipeline's wall time.
+        times.add("forward", forward - forward_exchange)
+        times.add("backward", time.perf_counter() - phase - forward - (exchange - forward_exchange))
+        times.add("all_to_all", exchange)
         self.faults.delay(self.step)
         # Backward is about twice the forward FLOPs; the measured backward phase would
         # also count pipeline waits, which a slower device does not stretch.
@@ -334,7 +362,13 @@ class Trainer:
         )
         self._check_stragglers(scores)
 
-        if self.step % self.options.checkpoint_interval == 0 and self.step < self.total_steps:
+        if self.step % self.options.checkpoint_interval == 0:
+            self._save_due = True
+        # Never checkpoint inside a streak of skipped steps: a rollback must return to
+        # weights from before the anomalies, or each rollback would land on a newer
+        # checkpoint and the rollback budget could never run out.
+        if self._save_due and not self.detector.consecutive_skips and self.step < self.total_steps:
+            self._save_due = False
             phase = time.perf_counter()
             self.save()
             self.faults.crash(self.step, "save")
@@ -359,22 +393,29 @@ class Trainer:
         path = self.checkpointer.find_resume_point()
         counts, events = dict(self.detector.counts), list(self.detector.events)
         rollbacks = dict(self.rollbacks)
+        skipped = (start if start is not None else end, end)
+        # Loading the checkpoint restores its skip list; ranges found bad since then
+        # (earlier rollbacks to the same checkpoint) must stay skipped too.
+        skip_ranges = [*self.stream.skip_ranges, skipped]
         target = -1
         if path is not None:
             self.load(path)
             target = self.step
+        for bad in skip_ranges:
+            self.stream.skip(*bad)
+        self.detector.counts, self.detector.events = counts, events
         rollbacks[target] = rollbacks.get(target, 0) + 1
         if rollbacks[target] > self.options.max_rollbacks:
+            ranges = ", ".join(f"[{a}, {b})" for a, b in self.stream.skip_ranges)
             raise TrainingExit(
                 WorkerExit.ROLLBACK_EXHAUSTED,
                 f"{rollbacks[target]} rollbacks to step {max(target, 0)} "
-                "did not clear the anomalies",
+                f"did not clear the anomalies ({verdict.reason}); "
+                f"sample ranges skipped: {ranges}",
             )
         self.rollbacks = rollbacks
-        self.detector.counts, self.detector.events = counts, events
+        self._save_due = False
         self.detector.end_streak()
-        skipped = (start if start is not None else end, end)
-        self.stream.skip_ranges.append(skipped)
         self.detector.set_aside = [
             (due, s)
             for due, s in self.detector.set_aside
@@ -459,6 +500,8 @@ class Trainer:
             "consumed_samples": self.stream.consumed,
             "tokens_per_s": tokens_per_s,
             "seconds": elapsed,
+            "phases": dict(times.phases),
+            "overlapped_buckets": self.sync.launched_in_backward,
             "time": time.time(),
         }
         self.history.append(record)
@@ -484,6 +527,7 @@ class Trainer:
             anomalies=self.detector.counts,
             events=self.detector.events,
             stage_step_seconds=per_stage,
+            phase_seconds=dict(times.phases),
         )
 
     def _report(self, **fields: object) -> None:

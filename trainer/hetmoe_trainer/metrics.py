@@ -19,7 +19,9 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from hetmoe_operator.api.model import ModelArchitecture
 
-PHASES = ("data", "forward", "backward", "grad_sync", "optimizer", "checkpoint")
+PHASES = ("data", "forward", "backward", "all_to_all", "grad_sync", "optimizer", "checkpoint")
+"""Values of the ``phase`` label of ``hetmoe_step_seconds``. ``all_to_all`` is the
+expert-parallel exchange time taken out of forward and backward (0 without EP)."""
 
 
 class TrainerMetrics:

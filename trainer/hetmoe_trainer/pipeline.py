@@ -27,6 +27,7 @@ without pipeline machinery.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,29 +37,57 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B
 
 from hetmoe_trainer.distributed import ParallelContext
 from hetmoe_trainer.model import Stage
+from hetmoe_trainer.model.dispatch import ExchangeTimer
+
+
+class _NaNGradient(torch.autograd.Function):
+    """Identity whose backward turns the gradient into NaN (the ``nan`` fault's injection)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return torch.full_like(grad, float("nan"))
 
 
 class StageCompute(nn.Module):
     """The stage under autocast (bf16 on CUDA), returning its declared output dtype.
 
     Parameters stay fp32 (the optimizer's master weights); only compute is lowered.
-    Also accumulates the wall time spent in forward, for the per-phase metrics.
+    Also accumulates the wall time spent in forward, and the part of it spent in
+    expert-parallel exchanges (read from ``exchanges``, the EP group's timer), for the
+    per-phase metrics: the exchanges' time in backward is the timer's rest.
     """
 
-    def __init__(self, stage: Stage, device: torch.device, compute_dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        stage: Stage,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        exchanges: ExchangeTimer,
+    ) -> None:
         super().__init__()
         self.stage = stage
         self._device_type = device.type
         self._autocast = compute_dtype != torch.float32
         self._compute_dtype = compute_dtype
+        self.exchanges = exchanges
         self.forward_seconds = 0.0
+        self.forward_exchange_seconds = 0.0
+        self.nan_gradients = False
+        """Fault injection: make this stage's backward produce NaN gradients."""
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         """Run the stage at the step set with ``Stage.set_step``."""
-        start = time.perf_counter()
+        start, exchanged = time.perf_counter(), self.exchanges.seconds
         with torch.autocast(self._device_type, self._compute_dtype, enabled=self._autocast):
             out = self.stage(inputs)
         self.forward_seconds += time.perf_counter() - start
+        self.forward_exchange_seconds += self.exchanges.seconds - exchanged
+        if self.nan_gradients and out.requires_grad:
+            out = _NaNGradient.apply(out)
         return out.to(self.stage.output.dtype)
 
 
@@ -77,7 +106,12 @@ class StepRunner:
         self.loss_scale = 1.0
         """Extra factor on the loss (fault injection of a loss spike); 1.0 normally."""
         stage.set_aux_loss_scale(replica.microbatch_size / training.global_batch_size)
-        self.compute = StageCompute(stage, context.device.device, context.device.compute_dtype)
+        self.compute = StageCompute(
+            stage,
+            context.device.device,
+            context.device.compute_dtype,
+            context.expert_parallel.timer,
+        )
         self.is_first = context.me.stage == 0
         self.is_last = context.me.stage == plan.parallel.pp - 1
         self._schedule: Schedule1F1B | None = None

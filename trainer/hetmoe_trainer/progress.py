@@ -16,6 +16,7 @@ cluster) just reads the file. Schema (all keys always present)::
                    "reinjected": int, "rollback": int, "straggler": int},
      "events": [{"step", "kind", "detail", "time"}],   # newest last, at most 50
      "stage_step_seconds": {"<stage>": float},         # slowest rank of each stage
+     "phase_seconds": {"<phase>": float},              # plan rank 0's last step by phase
      "straggler": null | {"plan_rank", "pool", "node_slot", "local_rank", "score"},
      "updated_at": float}                              # unix time
 """
@@ -62,6 +63,7 @@ class ProgressReporter:
             "anomalies": dict.fromkeys(ANOMALY_KINDS, 0),
             "events": [],
             "stage_step_seconds": {},
+            "phase_seconds": {},
             "straggler": None,
             "updated_at": time.time(),
         }

@@ -80,6 +80,11 @@ def _check_scenario(rank: int, rank_experts: list[list[int]]) -> None:
 
     out_p, xgrad_p = _run(parallel, x, probe)
     out_s, xgrad_s = _run(single, x, probe)
+    # Forward: count exchange, dispatch, combine; backward: the two transposes. Each
+    # is timed on the group's own timer; the single process exchanges nothing.
+    timer = parallel.moe_layers()[LAYER].dispatcher.ep.timer
+    assert timer.calls == 5 and timer.seconds > 0
+    assert single.moe_layers()[LAYER].dispatcher.ep.timer.calls == 0
     torch.testing.assert_close(out_p, out_s, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xgrad_p, xgrad_s, rtol=1e-5, atol=1e-6)
     single_params = dict(single.named_parameters())

@@ -31,6 +31,18 @@ def test_stream_counter_skips_rolled_back_ranges() -> None:
     assert again.take(1) == [13]
 
 
+def test_skipped_ranges_merge_and_stay_sorted() -> None:
+    stream = SampleStream()
+    stream.skip(16, 40)
+    stream.skip(50, 60)
+    stream.skip(16, 64)  # a later rollback's streak that began at the same position
+    stream.skip(2, 4)
+    assert stream.skip_ranges == [(2, 4), (16, 64)]
+    assert stream.take(6) == [0, 1, 4, 5, 6, 7]
+    stream.consumed = 15
+    assert stream.take(2) == [15, 64]
+
+
 def test_replicas_take_contiguous_slices_of_the_global_batch() -> None:
     replicas = [
         ReplicaPlan(dp_index=1, samples_per_step=2, microbatch_size=1, num_microbatches=2),

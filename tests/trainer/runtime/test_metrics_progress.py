@@ -18,6 +18,7 @@ METRICS = (
     "hetmoe_tokens_per_second",
     'hetmoe_step_seconds{phase="forward"',
     'hetmoe_step_seconds{phase="backward"',
+    'hetmoe_step_seconds{phase="all_to_all"',
     'hetmoe_step_seconds{phase="grad_sync"',
     'hetmoe_step_seconds{phase="optimizer"',
     "hetmoe_loss",

@@ -15,16 +15,48 @@ One dispatch, per MoE layer and microbatch:
 
 Both all-to-alls are autograd functions whose backward is the transposed
 all-to-all, so gradients reach the hosting ranks' experts and the senders' inputs.
+
+Every exchange (count exchange, dispatch, combine, and their backward transposes)
+adds its wall time to the :class:`ExchangeTimer` owned by the group's
+:class:`ExpertParallel`, so the runtime can report all-to-all as its own step phase
+without any process-global state. The time is host wall time: with gloo it is the
+whole exchange; on CUDA with NCCL the collectives are asynchronous, so it covers the
+launch plus the count exchange's host sync (which waits for the previous exchange),
+not the exact device time (CUDA events would be needed for that).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+
+class ExchangeTimer:
+    """Accumulated wall seconds of one EP group's exchanges, read by the runtime per step.
+
+    Monotonic: readers take differences (before/after a forward, before/after a step),
+    so several readers never reset each other.
+    """
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    @contextmanager
+    def timed(self) -> Iterator[None]:
+        """Add the wall time of the enclosed exchange."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.calls += 1
 
 
 class ExpertParallel:
@@ -42,6 +74,7 @@ class ExpertParallel:
         group: dist.ProcessGroup | None,
         rank_experts: Sequence[Sequence[int]],
         my_index: int,
+        timer: ExchangeTimer | None = None,
     ) -> None:
         if not 0 <= my_index < len(rank_experts):
             raise ValueError(f"my_index {my_index} outside {len(rank_experts)} EP members")
@@ -57,6 +90,7 @@ class ExpertParallel:
             tuple(sorted(set(experts))) for experts in rank_experts
         )
         self.my_index = my_index
+        self.timer = timer if timer is not None else ExchangeTimer()
 
     @property
     def size(self) -> int:
@@ -99,16 +133,21 @@ class _AllToAll(torch.autograd.Function):
         output_splits: list[int],
         input_splits: list[int],
         group: dist.ProcessGroup,
+        timer: ExchangeTimer,
     ) -> torch.Tensor:
         ctx.output_splits, ctx.input_splits, ctx.group = output_splits, input_splits, group
+        ctx.timer = timer
         out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+        with timer.timed():
+            dist.all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
         return out
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
-        back = _AllToAll.apply(grad.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group)
-        return back, None, None, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        back = _AllToAll.apply(
+            grad.contiguous(), ctx.input_splits, ctx.output_splits, ctx.group, ctx.timer
+        )
+        return back, None, None, None, None
 
 
 ExpertCompute = Callable[[torch.Tensor, list[int]], torch.Tensor]
@@ -154,15 +193,16 @@ class TokenDispatcher:
             return send
         send_t = torch.tensor(send, dtype=torch.int64, device=device)
         recv_t = torch.empty_like(send_t)
-        dist.all_to_all_single(recv_t, send_t, group=self.ep.group)
-        return recv_t.tolist()
+        with self.ep.timer.timed():
+            dist.all_to_all_single(recv_t, send_t, group=self.ep.group)
+            return recv_t.tolist()
 
     def _a2a(
         self, x: torch.Tensor, output_splits: list[int], input_splits: list[int]
     ) -> torch.Tensor:
         if self.ep.group is None:
             return x
-        return _AllToAll.apply(x, output_splits, input_splits, self.ep.group)
+        return _AllToAll.apply(x, output_splits, input_splits, self.ep.group, self.ep.timer)
 
     def __call__(
         self,
@@ -191,7 +231,8 @@ class TokenDispatcher:
 
         input_splits = [sum(row) for row in send]
         output_splits = [sum(row) for row in recv]
-        slots = x.unsqueeze(1).expand(tokens, top_k, x.shape[-1]).reshape(tokens * top_k, -1)
+        width = x.shape[-1]  # explicit: a member may route no tokens at all
+        slots = x.unsqueeze(1).expand(tokens, top_k, width).reshape(tokens * top_k, width)
         received = self._a2a(slots.index_select(0, send_order), output_splits, input_splits)
 
         local = self.ep.local_experts
@@ -206,7 +247,7 @@ class TokenDispatcher:
             computed = computed.index_select(0, torch.argsort(by_local))
 
         returned = self._a2a(computed, input_splits, output_splits)
-        per_slot = returned.index_select(0, torch.argsort(send_order)).view(tokens, top_k, -1)
+        per_slot = returned.index_select(0, torch.argsort(send_order)).view(tokens, top_k, width)
         combined = (per_slot.float() * weights.unsqueeze(-1).float()).sum(dim=1)
         return combined.to(x.dtype)
 
