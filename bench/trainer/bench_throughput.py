@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -93,8 +94,12 @@ def our_trainer(workdir: Path) -> Trainer:
     return Trainer(build_context(plan, 0, pick_device(0)), options)
 
 
-def hf_step_fn() -> Callable[[], None]:
-    """A Qwen2-MoE of the same sizes and its AdamW training step."""
+def hf_step_fn() -> tuple[Callable[[], None], str]:
+    """A Qwen2-MoE of the same sizes, its AdamW training step and its experts kernel.
+
+    transformers 5 stores the experts stacked ([E, 2I, H] gate+up, [E, H, I] down) and
+    picks ``grouped_mm`` when torch has it: the baseline is HF's fastest CPU path.
+    """
     config = Qwen2MoeConfig(
         vocab_size=ARCH.vocab_size,
         hidden_size=ARCH.hidden_size,
@@ -124,7 +129,7 @@ def hf_step_fn() -> Callable[[], None]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return step, str(model.config._experts_implementation)
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -146,7 +151,7 @@ def main() -> None:
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     with tempfile.TemporaryDirectory() as tmp:
         ours = our_trainer(Path(tmp))
-        hf = hf_step_fn()
+        hf, hf_experts = hf_step_fn()
         for _ in range(args.warmup):
             ours.train_step()
             hf()
@@ -162,6 +167,8 @@ def main() -> None:
     peak = statistics.median(peaks)
     result = {
         "threads": args.threads,
+        "hf_experts_implementation": hf_experts,
+        "load_average_1m": os.getloadavg()[0],
         "tokens_per_step": tokens,
         "matmul_peak_gflops": peak / 1e9,
         "ours_tokens_per_s": tokens / statistics.median(ours_s),

@@ -12,7 +12,14 @@ from plan_factory import make_plan
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import losses, records
-from hetmoe_trainer.checkpoint import LATEST, MANIFEST, newest_valid, step_dir, verify
+from hetmoe_trainer.checkpoint import (
+    LATEST,
+    MANIFEST,
+    Checkpointer,
+    newest_valid,
+    step_dir,
+    verify,
+)
 
 SEQ = 16
 
@@ -121,3 +128,23 @@ def test_corrupted_checkpoint_is_skipped_for_the_previous(
         assert newest_valid(tmp_path) == step_dir(tmp_path, 4)
     assert "step_00000008 failed its integrity check" in caplog.text
     assert "CRC32" in caplog.text
+
+
+def test_reused_staging_buffers_hold_each_saves_own_values(
+    single_process_group, tmp_path: Path
+) -> None:
+    """Every async save refills the checkpointer's staging buffers: no stale or later data."""
+    weight = torch.zeros(256, 64)
+    checkpointer = Checkpointer(tmp_path, None, keep=3, use_async=True)
+    for step in (1, 2, 3):
+        weight.fill_(float(step))
+        checkpointer.save(step, {"model.w": weight, "trainer": f"step {step}"})
+        checkpointer.wait_staged()
+        weight.fill_(-1.0)  # the next optimizer step: must not reach this checkpoint
+    checkpointer.close()
+    for step in (1, 2, 3):
+        loaded = {"model.w": torch.empty(256, 64), "trainer": ""}
+        checkpointer.load(step_dir(tmp_path, step), loaded)
+        assert torch.equal(loaded["model.w"], torch.full((256, 64), float(step)))
+        assert loaded["trainer"] == f"step {step}"
+    assert (tmp_path / LATEST).read_text().strip() == step_dir(tmp_path, 3).name
