@@ -113,10 +113,10 @@ def one_run(workdir: Path, crash_step: int) -> float:
     subprocess.run(cmd, env=env, cwd=REPO, check=True, capture_output=True, timeout=900)
     records = [json.loads(line) for line in (workdir / "ckpt" / "train_log.jsonl").open()]
     for before, after in itertools.pairwise(records):
-        if after["step"] <= before["step"]:  # the restart redid a step rank 0 had logged
+        if after["restart_count"] > before["restart_count"]:  # first step of the new attempt
             return after["time"] - before["time"]
-    steps = [r["step"] for r in records]
-    raise RuntimeError(f"no restart found in train_log.jsonl: logged steps {steps}")
+    attempts = [(r["step"], r["restart_count"]) for r in records]
+    raise RuntimeError(f"no restart found in train_log.jsonl: (step, restart) {attempts}")
 
 
 def import_seconds(processes: int = 2) -> float:

@@ -502,6 +502,7 @@ class Trainer:
             "seconds": elapsed,
             "phases": dict(times.phases),
             "overlapped_buckets": self.sync.launched_in_backward,
+            "restart_count": self.options.restart_count,
             "time": time.time(),
         }
         self.history.append(record)
