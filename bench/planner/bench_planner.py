@@ -6,8 +6,8 @@ Run from the repository root:
         [--json bench/planner/results.json]
 
 Prints one table per item and a JSON document with every figure. Items follow
-issue 4's "Benchmark" section; item 6 (predicted vs measured CPU step time) needs the
-trainer and is reported as skipped.
+issue 4's "Benchmark" section (1b: mixed-grade pipelines vs one pool per replica);
+item 6 (predicted vs measured CPU step time) is bench_accuracy.py, which runs the trainer.
 """
 
 from __future__ import annotations
@@ -264,6 +264,108 @@ def suite() -> dict[str, Any]:
     return {"instances": records, **summary}
 
 
+# -- mixed-grade pipelines -----------------------------------------------------------
+
+
+def _mixed_cases() -> list[tuple[str, ModelArchitecture, TrainingConfig, ClusterDescription]]:
+    small = ModelArchitecture(
+        num_hidden_layers=8,
+        hidden_size=1024,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_experts=8,
+        num_shared_experts=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=1024,
+        intermediate_size=4096,
+        first_k_dense_replace=1,
+        vocab_size=32000,
+    )
+
+    def two(memory_fast: float, nodes: int) -> ClusterDescription:
+        grades = [
+            DeviceGrade(name="fast", peak_bf16_tflops=40, memory_gib=memory_fast, price_per_hour=1),
+            DeviceGrade(name="slow", peak_bf16_tflops=10, memory_gib=16, price_per_hour=1),
+        ]
+        return ClusterDescription(
+            catalog=DeviceCatalog(grades=grades),
+            pools=[
+                NodePool(name="f", grade="fast", nodes=nodes, devices_per_node=2),
+                NodePool(name="s", grade="slow", nodes=nodes, devices_per_node=2),
+            ],
+        )
+
+    batch = TrainingConfig(steps=1, global_batch_size=32, sequence_length=512)
+    suite = {
+        name: (model, training, cluster) for name, model, training, cluster in standard_suite()
+    }
+    return [
+        ("0.3B, fast 4 GiB + slow 16 GiB, 2+2 devices", small, batch, two(4, 1)),
+        ("0.3B, fast 4 GiB + slow 16 GiB, 4+4 devices", small, batch, two(4, 2)),
+        ("0.3B, fast 16 GiB + slow 16 GiB, 2+2 devices", small, batch, two(16, 1)),
+        *[
+            (name, *suite[name])
+            for name in (
+                "ling-plus A+D 32+32",
+                "ling-plus reference-mix",
+                "ling-lite A+D 8+8 nodes",
+            )
+        ],
+    ]
+
+
+def _kinds(plan: Any) -> str:
+    grades: dict[int, dict[int, str]] = {}
+    for rank in plan.ranks:
+        grades.setdefault(rank.dp_index, {})[rank.stage] = rank.grade
+    kinds = {tuple(g[s] for s in sorted(g)) for g in grades.values()}
+    return " | ".join(
+        sorted(",".join(f"{n}x{k.count(n)}" for n in dict.fromkeys(k)) for k in kinds)
+    )
+
+
+def mixed_pipelines() -> dict[str, Any]:
+    """Throughput with mixed-grade pipelines allowed vs every replica on one pool."""
+    spec = PlacementSpec(time_limit_seconds=120)
+    rows, results = [], {}
+    for name, model, training, cluster in _mixed_cases():
+        found = {}
+        for allowed in (True, False):
+            try:
+                found[allowed] = plan_job(model, training, cluster, spec, mixed_pipelines=allowed)
+            except PlanningError as error:
+                found[allowed] = error
+        mixed, homogeneous = found[True], found[False]
+        tps = mixed.prediction.tokens_per_s if not isinstance(mixed, PlanningError) else None
+        base = (
+            homogeneous.prediction.tokens_per_s
+            if not isinstance(homogeneous, PlanningError)
+            else None
+        )
+        results[name] = {
+            "tokens_per_s": tps,
+            "homogeneous_tokens_per_s": base,
+            "gain": tps / base if tps and base else None,
+            "stage_grades": _kinds(mixed) if tps else str(mixed),
+            "homogeneous_error": str(homogeneous) if base is None else None,
+        }
+        rows.append(
+            [
+                name,
+                f"{tps:,.0f}" if tps else "infeasible",
+                f"{base:,.0f}" if base else f"infeasible ({homogeneous.constraint})",
+                f"{tps / base:.3f}x" if tps and base else ("only mixed fits" if tps else "-"),
+                results[name]["stage_grades"],
+            ]
+        )
+    table(
+        "1b. mixed-grade pipelines (stages of one replica on two grades)",
+        ["instance", "tokens/s", "one pool per replica", "gain", "stage grades per replica"],
+        rows,
+    )
+    return results
+
+
 # -- 4. planning time ----------------------------------------------------------------
 
 
@@ -391,14 +493,16 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=4)
     parser.add_argument("--json", type=Path, help="also write the JSON here")
-    parser.add_argument("--only", nargs="*", help="items to run: 1 2 4 5")
+    parser.add_argument("--only", nargs="*", help="items to run: 1 1b 2 4 5")
     args = parser.parse_args()
-    only = set(args.only or ["1", "2", "4", "5"])
+    only = set(args.only or ["1", "1b", "2", "4", "5"])
     report: dict[str, Any] = {}
     if "5" in only:
         report["expert_placement"] = expert_balance()
     if "1" in only:
         report["optimality"] = optimality(args.instances, args.seed)
+    if "1b" in only:
+        report["mixed_pipelines"] = mixed_pipelines()
     if "2" in only:
         try:
             report["suite"] = suite()
@@ -406,8 +510,8 @@ def main() -> int:
             report["suite"] = {"error": str(error)}
     if "4" in only:
         report["planning_time"] = planning_time(args.repeats)
-    report["cost_model_accuracy"] = "skipped: needs the trainer and `hetmoe profile`"
-    print("\n## 6. cost-model accuracy: skipped (the trainer does not exist yet)")
+    report["cost_model_accuracy"] = "see bench_accuracy.py"
+    print("\n## 6. cost-model accuracy: bench/planner/bench_accuracy.py (runs the trainer)")
     text = json.dumps(report, indent=1, default=str)
     print("\n## JSON\n" + text)
     if args.json:

@@ -170,6 +170,33 @@ class PoolSummary(ApiModel):
     """Price of the devices used."""
 
 
+class StagePrediction(ApiModel):
+    """Predicted time of one pipeline stage on one pool, for the replicas that share
+    its pipeline kind and microbatch count (so local mode can show predicted vs
+    measured per stage)."""
+
+    stage: int = Field(ge=0)
+    """Stage index."""
+    pool: str
+    """Pool serving the stage for these replicas."""
+    grade: str
+    """Its grade."""
+    replicas: list[int] = Field(default_factory=list)
+    """Data-parallel indices this entry describes."""
+    microbatches: int = Field(default=1, ge=1)
+    """Microbatches each of those replicas runs per step."""
+    microbatch_seconds: float = Field(default=0, ge=0)
+    """Forward + backward of one microbatch in 1F1B's steady state (compute, expert
+    imbalance and exposed communication)."""
+    busy_seconds: float = Field(default=0, ge=0)
+    """Seconds per step the stage computes: ``microbatches x microbatch_seconds``
+    plus its exposed fill/drain transfers."""
+    step_seconds: float = Field(default=0, ge=0)
+    """Seconds from the start of a step until the stage finishes its last backward
+    (before gradient sync), pipeline waits included: what the trainer reports as the
+    stage's step time."""
+
+
 class Prediction(ApiModel):
     """What the cost model expects from the plan, with every input visible."""
 
@@ -189,6 +216,9 @@ class Prediction(ApiModel):
     """Peak memory per (pool, stage)."""
     assumptions: list[str] = Field(default_factory=list)
     """Inputs of the cost model a reader should know about (efficiencies, bandwidths)."""
+    stages: list[StagePrediction] = Field(default_factory=list)
+    """Per stage and pool: predicted microbatch and step time (absent in plans written
+    before this field existed)."""
 
 
 class Plan(ApiModel):

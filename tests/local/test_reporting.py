@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 from tests.local.test_executor import _hand_plan
 
+from hetmoe_operator.api.catalog import DeviceCatalog, DeviceGrade
+from hetmoe_operator.api.cluster import ClusterDescription, NodePool
+from hetmoe_operator.api.job import PlacementSpec
+from hetmoe_operator.api.model import PRESETS
+from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_operator.errors import UserError
 from hetmoe_operator.local.capacity import check_fits_machine
 from hetmoe_operator.local.display import Display, RunView, log_line, render
 from hetmoe_operator.local.summary import RunSummary, plot_history, summary_table
 from hetmoe_operator.local.telemetry import list_checkpoints, read_progress, read_train_log
-from hetmoe_operator.plan import Plan
+from hetmoe_operator.placement import plan_job
+from hetmoe_operator.plan import Plan, Prediction, StepTimeBreakdown
 
 
 def _write_trainer_outputs(checkpoints: Path) -> None:
@@ -110,6 +117,51 @@ def test_summary_table_and_plot(tmp_path: Path, view: RunView) -> None:
     plot = plot_history(read_train_log(checkpoints), tmp_path / "p.png", job="tiny", simulated=True)
     assert plot is not None and plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_history([], tmp_path / "none.png", job="tiny", simulated=True) is None
+
+
+def _summary_text(view: RunView) -> str:
+    console = Console(file=io.StringIO(), width=160)
+    console.print(summary_table(RunSummary(view, 1.0, [])))
+    return console.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_summary_shows_the_planners_time_per_stage(view: RunView) -> None:
+    cluster = ClusterDescription(
+        catalog=DeviceCatalog(
+            grades=[DeviceGrade(name="cpu", peak_bf16_tflops=0.2, memory_gib=8, price_per_hour=0)]
+        ),
+        pools=[NodePool(name="local", grade="cpu", nodes=1, devices_per_node=2)],
+    )
+    plan = plan_job(
+        PRESETS["tiny"],
+        TrainingConfig(steps=4, global_batch_size=8, sequence_length=128),
+        cluster,
+        PlacementSpec(pipeline_parallel=2),
+    )
+    assert plan.prediction is not None
+    stages = {e.stage: e.step_seconds for e in plan.prediction.stages}
+    assert stages[1] < stages[0] <= plan.prediction.step_time.total  # stage 0 drains last
+    text = _summary_text(replace(view, plan=plan))
+    for stage, seconds in stages.items():
+        assert f"predicted {seconds:.3f} s" in text.split(f"stage {stage} step time")[1]
+
+
+def test_summary_of_a_plan_without_stage_predictions_shows_the_step_time(view: RunView) -> None:
+    assert view.plan is not None
+    prediction = Prediction(
+        step_time=StepTimeBreakdown(
+            compute=0.25, bubble=0, communication=0, imbalance=0, optimizer=0, total=0.25
+        ),
+        tokens_per_s=1.0,
+        cost_per_hour=0,
+        cost_per_1t_tokens=0,
+        ideal_tokens_per_s=1.0,
+        fraction_of_ideal=1.0,
+    )
+    text = _summary_text(
+        replace(view, plan=view.plan.model_copy(update={"prediction": prediction}))
+    )
+    assert text.count("predicted 0.250 s") == len(view.plan.stages)
 
 
 def _with_ranks(plan: Plan, world: int) -> Plan:

@@ -28,6 +28,34 @@ class OperationEfficiency(ApiModel):
     """Fraction of memory bandwidth-bound optimizer work, as a fraction of peak."""
 
 
+class MeasuredThroughput(ApiModel):
+    """Effective TFLOP/s per operation class, measured (``hetmoe profile``) rather than
+    assumed: when a grade carries it, it replaces peak x efficiency in the planner and
+    in local mode's simulated slowdowns."""
+
+    attention: float = Field(gt=0)
+    """Attention block (norm, projections, scores), forward + backward."""
+    expert_ffn: float = Field(gt=0)
+    """MoE block (router, routed and shared experts, dispatch), forward + backward."""
+    dense_ffn: float = Field(gt=0)
+    """Dense FFN block, forward + backward."""
+    embedding: float = Field(gt=0)
+    """Embedding lookup, final norm, LM head and loss, forward + backward."""
+    optimizer: float = Field(gt=0)
+    """Optimizer step, in the cost model's FLOPs per parameter."""
+    attention_fixed_seconds: float = Field(default=0, ge=0)
+    """Fixed seconds per layer and microbatch (forward + backward) on top of the
+    per-token time: launch and framework overhead that small microbatches pay."""
+    expert_ffn_fixed_seconds: float = Field(default=0, ge=0)
+    """Same, per MoE block."""
+    dense_ffn_fixed_seconds: float = Field(default=0, ge=0)
+    """Same, per dense FFN block."""
+    embedding_fixed_seconds: float = Field(default=0, ge=0)
+    """Same, for embedding, LM head and loss."""
+    source: str = ""
+    """Where the figures come from (profile file, machine, model, date)."""
+
+
 class DeviceGrade(ApiModel):
     """One accelerator grade: peak speed, memory, interconnect, price and efficiency."""
 
@@ -49,11 +77,16 @@ class DeviceGrade(ApiModel):
     """Whether the device supports FP8 GEMMs (informational)."""
     efficiency: OperationEfficiency = OperationEfficiency()
     """Achieved efficiency per operation class (an assumption unless measured)."""
+    measured: MeasuredThroughput | None = None
+    """Measured effective throughput per operation class; overrides peak x efficiency."""
     resource_name: str = DEFAULT_RESOURCE_NAME
     """Kubernetes extended resource that counts these devices on a Node."""
 
     def effective_tflops(self, operation: str) -> float:
-        """Peak times the achieved efficiency of ``operation`` (a field of OperationEfficiency)."""
+        """Measured throughput of ``operation`` (a field of OperationEfficiency) when the
+        grade has a profile, else peak times the achieved efficiency."""
+        if self.measured is not None:
+            return float(getattr(self.measured, operation))
         return self.peak_bf16_tflops * float(getattr(self.efficiency, operation))
 
 

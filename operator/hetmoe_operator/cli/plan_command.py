@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from hetmoe_operator.api.cluster import ClusterDescription
 from hetmoe_operator.api.manifests import load_cluster, load_job, read_yaml
 from hetmoe_operator.errors import UserError
 from hetmoe_operator.placement import (
@@ -21,6 +22,7 @@ from hetmoe_operator.placement import (
     compare_baselines,
     plan_job,
 )
+from hetmoe_operator.placement.profile import cluster_with_profiles, shared_throughput
 from hetmoe_operator.plan import Plan
 
 OBJECTIVES = ("throughput", "cost", "throughput-under-budget")
@@ -45,8 +47,46 @@ def register(subparsers: Any) -> None:
         type=Path,
         help="YAML/JSON list of expected per-expert load (default: uniform)",
     )
+    parser.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="GRADE=FILE",
+        help="take GRADE's speed from a `hetmoe profile` file instead of peak x efficiency",
+    )
+    parser.add_argument(
+        "--processes-per-machine",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --profile: N worker processes share the profiled machine's cores "
+        "(local mode on one machine: the cluster's device count)",
+    )
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table")
     parser.set_defaults(handler=run)
+
+
+def apply_profiles(
+    cluster: ClusterDescription, specs: list[str], processes: int
+) -> ClusterDescription:
+    """``cluster`` with each ``GRADE=FILE`` profile applied to its grade."""
+    if not specs:
+        return cluster
+    if processes < 1:
+        raise UserError(f"--processes-per-machine must be at least 1, got {processes}")
+    from hetmoe_operator.cli.profile_command import load_profile
+
+    measured = {}
+    for spec in specs:
+        grade, sep, file = spec.partition("=")
+        if not sep or not grade or not file:
+            raise UserError(f"--profile {spec!r}: expected GRADE=FILE")
+        profile = load_profile(Path(file))
+        measured[grade] = shared_throughput(profile, processes)
+    try:
+        return cluster_with_profiles(cluster, measured)
+    except KeyError as error:
+        raise UserError(f"--profile: {error.args[0]}") from None
 
 
 def _expert_load(path: Path | None) -> list[float] | None:
@@ -61,7 +101,7 @@ def _expert_load(path: Path | None) -> list[float] | None:
 def run(args: argparse.Namespace) -> int:
     """Plan and print; infeasible requests become a UserError naming the constraint."""
     job = load_job(args.file)
-    cluster = load_cluster(args.cluster)
+    cluster = apply_profiles(load_cluster(args.cluster), args.profile, args.processes_per_machine)
     placement = job.spec.placement
     updates: dict[str, Any] = {}
     if args.objective:
@@ -176,6 +216,8 @@ def render(comparison: Comparison) -> str:
             (memory[(pool, stage.index)] for pool in pools),
             key=lambda m: m.total_gib / m.capacity_gib,
         )
+        times = [e for e in prediction.stages if e.stage == stage.index]
+        slowest = max(times, key=lambda e: e.step_seconds, default=None)
         rows.append(
             [
                 str(stage.index),
@@ -184,9 +226,14 @@ def render(comparison: Comparison) -> str:
                 "yes" if stage.recompute_activations else "no",
                 ",".join(pools),
                 f"{peak.total_gib:.1f}/{peak.capacity_gib:.0f} GiB ({peak.pool})",
+                f"{slowest.microbatch_seconds * 1e3:.3g} ms x {slowest.microbatches} "
+                f"({slowest.pool}); done at {slowest.step_seconds:.3g} s"
+                if slowest
+                else "-",
             ]
         )
-    lines += _table(["stage", "layers", "extras", "recompute", "pools", "peak memory"], rows)
+    headers = ["stage", "layers", "extras", "recompute", "pools", "peak memory", "time per step"]
+    lines += _table(headers, rows)
     step = prediction.step_time
     lines += [
         "",

@@ -19,6 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from hetmoe_operator.local.display import RunView, predicted_step_seconds, stage_pools
+from hetmoe_operator.plan import Plan
 
 PLOT_FILE = "training.png"
 
@@ -34,6 +35,22 @@ class RunSummary:
 
 def _seconds(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "-"
+
+
+def predicted_stage_seconds(plan: Plan) -> dict[int, float]:
+    """Per stage: the planner's time until its slowest replica finishes the step's
+    last backward (what the trainer measures per stage); plans made before per-stage
+    predictions existed fall back to the whole step time for every stage."""
+    prediction = plan.prediction
+    if prediction is None:
+        return {}
+    if not prediction.stages:
+        total = predicted_step_seconds(plan)
+        return {stage.index: total for stage in plan.stages} if total is not None else {}
+    result: dict[int, float] = {}
+    for entry in prediction.stages:
+        result[entry.stage] = max(result.get(entry.stage, 0.0), entry.step_seconds)
+    return result
 
 
 def summary_table(summary: RunSummary) -> Table:
@@ -57,12 +74,13 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("restarts", str(view.restarts))
     table.add_row("checkpoints", ", ".join(summary.checkpoints) or "none")
     if plan:
-        predicted = _seconds(predicted_step_seconds(plan))
+        predicted = predicted_stage_seconds(plan)
         measured = progress.stage_step_seconds if progress else {}
         for stage, pools in sorted(stage_pools(plan).items()):
             table.add_row(
                 escape(f"stage {stage} step time{sim} [{pools}]"),
-                f"predicted {predicted} s / measured {_seconds(measured.get(stage))} s",
+                f"predicted {_seconds(predicted.get(stage))} s / "
+                f"measured {_seconds(measured.get(stage))} s",
             )
     return table
 

@@ -13,7 +13,7 @@ import math
 from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.placement.bound import ideal_tokens_per_s
 from hetmoe_operator.placement.cost_model import GIB
-from hetmoe_operator.placement.layout import Evaluation, Layout, Problem
+from hetmoe_operator.placement.layout import Evaluation, Layout, Problem, stage_times
 from hetmoe_operator.plan import (
     MemoryEstimate,
     ParallelDegrees,
@@ -23,6 +23,7 @@ from hetmoe_operator.plan import (
     RankPlan,
     ReplicaPlan,
     StagePlan,
+    StagePrediction,
     StepTimeBreakdown,
 )
 
@@ -45,10 +46,18 @@ def describe_inputs(problem: Problem, layout: Layout) -> list[str]:
     for grade_name in sorted({problem.pools[p].grade.name for p in layout.devices_per_pool()}):
         grade = catalog.grade(grade_name)
         e = grade.efficiency
-        lines.append(
-            f"grade {grade.name}: {grade.peak_bf16_tflops:g} TFLOPS peak bf16 x efficiency "
+        m = grade.measured
+        speed = (
+            f"measured effective TFLOPS attention {m.attention:.4g} / expert {m.expert_ffn:.4g} "
+            f"/ dense {m.dense_ffn:.4g} / embedding {m.embedding:.4g} / optimizer "
+            f"{m.optimizer:.4g} ({m.source or 'hetmoe profile'})"
+            if m is not None
+            else f"{grade.peak_bf16_tflops:g} TFLOPS peak bf16 x efficiency "
             f"attention {e.attention:g} / expert {e.expert_ffn:g} / dense {e.dense_ffn:g} / "
-            f"embedding {e.embedding:g} / optimizer {e.optimizer:g}; {grade.memory_gib:g} GiB; "
+            f"embedding {e.embedding:g} / optimizer {e.optimizer:g}"
+        )
+        lines.append(
+            f"grade {grade.name}: {speed}; {grade.memory_gib:g} GiB; "
             f"{grade.intra_node_gbps:g} GB/s intra-node, {grade.inter_node_gbps:g} GB/s "
             f"inter-node; {grade.price_per_hour:g} {catalog.currency}/h"
         )
@@ -183,6 +192,19 @@ def build_plan(
             for check in evaluation.memory
         ],
         assumptions=describe_inputs(problem, layout),
+        stages=[
+            StagePrediction(
+                stage=t.stage,
+                pool=t.pool,
+                grade=problem.pools[t.pool].grade.name,
+                replicas=[g * ep + j for g in t.groups for j in range(ep)],
+                microbatches=t.microbatches,
+                microbatch_seconds=t.microbatch_seconds,
+                busy_seconds=t.busy_seconds,
+                step_seconds=t.step_seconds,
+            )
+            for t in stage_times(problem, layout)
+        ],
     )
     return Plan(
         job=job_name,

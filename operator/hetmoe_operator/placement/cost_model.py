@@ -46,6 +46,25 @@ class Assumptions:
     """Per-device runtime memory (framework context, communication buffers)."""
     logits_bytes_per_vocab: int = 6
     """Last stage: bf16 logits plus fp32 softmax copy per token and vocabulary entry."""
+    overlap_communication: bool = True
+    """Model a runtime that overlaps communication with compute (see ``describe``);
+    False charges every transfer fully exposed."""
+
+    def _overlap_lines(self) -> list[str]:
+        if not self.overlap_communication:
+            return [
+                "no overlap: gradient sync is exposed after the last microbatch; all-to-all "
+                "and stage-to-stage transfers are not overlapped with compute"
+            ]
+        return [
+            "overlap (assumed runtime behaviour): gradient sync runs per layer bucket "
+            "during the last microbatch's backward and the later stages' drain; only what "
+            "exceeds that window, and at least the last bucket (one layer's share), is exposed",
+            "overlap: each MoE layer's all-to-all is hidden behind its shared-expert compute "
+            "of the same pass; only the excess (and the latency) is exposed",
+            "overlap: stage-to-stage transfers are asynchronous in 1F1B's steady state "
+            "(a stage costs max(compute, transfer)); they are exposed in fill and drain",
+        ]
 
     def describe(self) -> list[str]:
         """Human-readable list for ``Prediction.assumptions``."""
@@ -57,9 +76,8 @@ class Assumptions:
             f"device memory headroom {self.memory_headroom:.0%} plus "
             f"{self.runtime_overhead_gib:g} GiB runtime overhead",
             f"gradient sync: {self.sync_bytes_per_param} B per parameter (reduce-scatter + "
-            "all-gather) over a ring, hierarchical across pools, fully exposed after the last "
-            "microbatch",
-            "all-to-all and stage-to-stage transfers are not overlapped with compute",
+            "all-gather) over a ring, hierarchical across pools",
+            *self._overlap_lines(),
             f"latency: {self.p2p_latency_s * 1e6:g} us per p2p transfer, "
             f"{self.collective_latency_s * 1e6:g} us per collective",
             f"optimizer: {self.optimizer_flops_per_param:g} FLOPs per parameter at the "
@@ -149,6 +167,24 @@ class GradeProfile:
             )
             self.expert_prefix.append(self.expert_prefix[-1] + flops.expert_ffn / expert_speed)
         self.passes = passes
+        fixed = grade.measured
+        self.fixed_prefix = [0.0]
+        """Cumulative fixed forward + backward seconds per microbatch, per layer (only
+        measured profiles have them)."""
+        self.head_fixed_seconds = fixed.embedding_fixed_seconds if fixed else 0.0
+        for layer in range(model.num_hidden_layers):
+            per_layer = 0.0
+            if fixed is not None:
+                ffn = (
+                    fixed.expert_ffn_fixed_seconds
+                    if model.is_moe_layer(layer)
+                    else fixed.dense_ffn_fixed_seconds
+                )
+                per_layer = fixed.attention_fixed_seconds + ffn
+            self.fixed_prefix.append(self.fixed_prefix[-1] + per_layer)
+        self.shared_forward_seconds = 2.0 * model.shared_expert_params / expert_speed
+        """Forward seconds per token of one MoE layer's shared experts (what an
+        overlapped all-to-all can hide behind)."""
         self.optimizer_seconds_per_param = assumptions.optimizer_flops_per_param / (
             grade.effective_tflops("optimizer") * 1e12
         )

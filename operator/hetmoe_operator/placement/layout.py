@@ -176,8 +176,36 @@ class _StageVector:
 
     compute: float
     expert_excess: float
+    fixed: float
+    """Per-microbatch compute overhead independent of tokens (measured profiles only)."""
     communication: float
+    """Exposed all-to-all (after hiding behind shared-expert compute, when overlapped)."""
     latency: float
+    """Fixed all-to-all latency per microbatch."""
+    p2p: float
+    """Stage-to-stage transfer of activations and their gradients."""
+    p2p_latency: float
+    """Fixed latency of those transfers per microbatch."""
+    backward_share: float
+    """Fraction of compute that is backward (recomputation counts as backward)."""
+
+    def work(self, tokens: int) -> float:
+        """Compute and exposed all-to-all of one microbatch."""
+        return (
+            tokens * (self.compute + self.expert_excess + self.communication)
+            + self.fixed
+            + self.latency
+        )
+
+    def steady(self, tokens: int, overlap: bool) -> float:
+        """Seconds per microbatch in 1F1B's steady state."""
+        work = self.work(tokens)
+        transfer = tokens * self.p2p + self.p2p_latency
+        return max(work, transfer) if overlap else work + transfer
+
+    def fill(self, tokens: int) -> float:
+        """Seconds per microbatch in fill and drain (transfers always exposed)."""
+        return self.work(tokens) + tokens * self.p2p + self.p2p_latency
 
 
 def _spans_intra_node(layout: Layout, problem: Problem) -> dict[str, bool]:
@@ -226,8 +254,11 @@ def _stage_vector(
     passes = info.profile.passes + (1.0 if recompute else 0.0)
     imbalance = problem.placement(layout.ep, layout.redundant_experts).imbalance
     compute = passes * (dense + expert)
+    fixed = info.profile.fixed_prefix[end] - info.profile.fixed_prefix[start]
+    fixed *= passes / info.profile.passes
     if stage == layout.pp - 1:
         compute += info.profile.head_seconds
+        fixed += info.profile.head_fixed_seconds
     expert_excess = passes * expert * (imbalance - 1.0)
     moe_layers = problem.memory.moe_layers[end] - problem.memory.moe_layers[start]
     exchanges = moe_layers * (6 if recompute else 4)
@@ -240,6 +271,12 @@ def _stage_vector(
         payload = model.num_experts_per_tok * model.hidden_size * a.activation_bytes
         communication += exchanges * payload * (layout.ep - 1) / layout.ep / (gbps * 1e9)
         latency += exchanges * a.collective_latency_s
+        if a.overlap_communication:
+            # Each pass's exchanges hide behind that pass's shared-expert compute.
+            hidden = passes * moe_layers * info.profile.shared_forward_seconds
+            communication = max(0.0, communication - hidden)
+    p2p = 0.0
+    p2p_latency = 0.0
     if stage + 1 < layout.pp:
         nxt = template[stage + 1]
         if nxt != template[stage]:
@@ -248,9 +285,12 @@ def _stage_vector(
             gbps = info.grade.intra_node_gbps
         else:
             gbps = info.grade.inter_node_gbps
-        communication += 2 * model.hidden_size * a.activation_bytes / (gbps * 1e9)
-        latency += 2 * a.p2p_latency_s
-    vector = _StageVector(compute, expert_excess, communication, latency)
+        p2p = 2 * model.hidden_size * a.activation_bytes / (gbps * 1e9)
+        p2p_latency = 2 * a.p2p_latency_s
+    backward_share = (passes - 1.0) / passes
+    vector = _StageVector(
+        compute, expert_excess, fixed, communication, latency, p2p, p2p_latency, backward_share
+    )
     problem._stage_vectors[key] = vector
     return vector
 
@@ -285,8 +325,8 @@ def _sync_seconds(problem: Problem, members: dict[str, int], params: float, span
     return inner + outer + 2 * latency
 
 
-def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[float, float]:
-    """Exposed gradient sync (slowest stage) and optimizer time (slowest device)."""
+def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[list[float], float]:
+    """Gradient sync seconds per stage and optimizer time (slowest device)."""
     model = problem.model
     memory = problem.memory
     placement = problem.placement(layout.ep, layout.redundant_experts)
@@ -294,12 +334,13 @@ def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[float, float]
     expert_holders = len(layout.groups)
     templates = Counter(layout.groups)
     used = layout.devices_per_pool()
-    sync = 0.0
+    sync: list[float] = []
     optimizer = 0.0
     for stage in range(layout.pp):
         start, end = layout.bounds[stage], layout.bounds[stage + 1]
         dense = memory.dense_params[end] - memory.dense_params[start]
         dense += model.embedding_params * (int(stage == 0) + int(stage == layout.pp - 1))
+        dense += model.hidden_size if stage == layout.pp - 1 else 0  # final norm
         experts = (memory.moe_layers[end] - memory.moe_layers[start]) * slots * model.expert_params
         groups_per_pool: dict[str, int] = {}
         for template, count in templates.items():
@@ -309,7 +350,7 @@ def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[float, float]
         ranks = {p: n * layout.ep for p, n in groups_per_pool.items()}
         seconds = _sync_seconds(problem, ranks, dense, span)
         seconds += _sync_seconds(problem, groups_per_pool, experts, span)
-        sync = max(sync, seconds)
+        sync.append(seconds)
         local = dense / layout.dp + experts / expert_holders
         for pool in groups_per_pool:
             profile = problem.pools[pool].profile
@@ -353,9 +394,35 @@ def _memory(problem: Problem, layout: Layout) -> tuple[MemoryCheck, ...]:
     return tuple(checks)
 
 
+def _exposed_sync(
+    problem: Problem, layout: Layout, sync: list[float], vectors: list[_StageVector], tokens: int
+) -> float:
+    """Gradient sync left on the critical path after the last microbatch.
+
+    Without overlap: the slowest stage's sync. With it: stage ``s`` syncs during its
+    own last backward and while the earlier stages drain theirs; what exceeds that
+    window is exposed, and never less than its last bucket (one layer's share).
+    """
+    if not problem.assumptions.overlap_communication:
+        return max(sync)
+    exposed = 0.0
+    drain = 0.0
+    for stage, (seconds, v) in enumerate(zip(sync, vectors, strict=True)):
+        backward = (tokens * (v.compute + v.expert_excess) + v.fixed) * v.backward_share
+        layers = max(1, layout.bounds[stage + 1] - layout.bounds[stage])
+        exposed = max(exposed, seconds / layers, seconds - backward - drain)
+        drain += backward
+    return exposed
+
+
 def evaluate(problem: Problem, layout: Layout) -> Evaluation:
-    """Predicted step time, throughput, cost and memory of ``layout``."""
+    """Predicted step time, throughput, cost and memory of ``layout``.
+
+    1F1B with ``m`` microbatches: every stage once in fill and drain (transfers
+    exposed) plus ``m - 1`` times the slowest stage's steady-state time.
+    """
     seq = problem.training.sequence_length
+    overlap = problem.assumptions.overlap_communication
     p2p_intra = _spans_intra_node(layout, problem)
     tokens = layout.microbatch_size * seq
     worst: tuple[float, int, list[_StageVector]] | None = None
@@ -369,29 +436,30 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
         vectors = vectors_of[template]
         seconds = known.get((template, m), -1.0)
         if seconds < 0:
-            times = [
-                tokens * (v.compute + v.expert_excess + v.communication) + v.latency
-                for v in vectors
-            ]
-            seconds = known[(template, m)] = sum(times) + (m - 1) * max(times)
+            slowest = max(v.steady(tokens, overlap) for v in vectors)
+            seconds = sum(v.fill(tokens) for v in vectors) + (m - 1) * slowest
+            known[(template, m)] = seconds
         if worst is None or seconds > worst[0]:
             worst = (seconds, m, vectors)
     assert worst is not None
     sync, optimizer = _sync_and_optimizer(problem, layout)
-    _, m, worst_vectors = worst
-    parts = [(tokens, v) for v in worst_vectors]
-    times = [t * (v.compute + v.expert_excess + v.communication) + v.latency for t, v in parts]
-    total_t = sum(times)
-    mean_t = total_t / len(times)
-    compute = sum(t * v.compute for t, v in parts)
-    excess = sum(t * v.expert_excess for t, v in parts)
-    communication = sum(t * v.communication + v.latency for t, v in parts)
-    work = m * mean_t
+    _, m, vectors = worst
+    steady = [v.steady(tokens, overlap) for v in vectors]
+    fill = [v.fill(tokens) for v in vectors]
+    total_s = sum(steady)
+    mean_s = total_s / len(steady)
+    compute = sum(tokens * v.compute + v.fixed for v in vectors)
+    excess = tokens * sum(v.expert_excess for v in vectors)
+    # Exposed all-to-all and steady-state transfers (rounding must not go below zero).
+    communication = max(0.0, total_s - compute - excess)
+    work = m * mean_s
     step = Breakdown(
-        compute=work * compute / total_t,
-        bubble=total_t - max(times),
-        communication=work * communication / total_t + sync,
-        imbalance=work * excess / total_t + m * (max(times) - mean_t),
+        compute=work * compute / total_s,
+        bubble=total_s - max(steady),
+        communication=work * communication / total_s
+        + max(0.0, sum(fill) - total_s)
+        + _exposed_sync(problem, layout, sync, vectors, tokens),
+        imbalance=work * excess / total_s + m * (max(steady) - mean_s),
         optimizer=optimizer,
     )
     used = layout.devices_per_pool()
@@ -402,3 +470,52 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
         cost_per_hour=cost,
         memory=_memory(problem, layout),
     )
+
+
+@dataclass(frozen=True)
+class StageTime:
+    """Predicted time of one stage for the EP groups of one (template, microbatches)."""
+
+    stage: int
+    pool: str
+    groups: tuple[int, ...]
+    microbatches: int
+    microbatch_seconds: float
+    busy_seconds: float
+    step_seconds: float
+
+
+def stage_times(problem: Problem, layout: Layout) -> list[StageTime]:
+    """Per stage and distinct (template, microbatch count): the steady-state
+    microbatch time, busy time and time until the stage's last backward ends.
+
+    Stage ``s`` finishes before the pipeline does by the last microbatch's backward
+    on the stages before it (the drain), the same model as :func:`evaluate`'s.
+    """
+    overlap = problem.assumptions.overlap_communication
+    p2p_intra = _spans_intra_node(layout, problem)
+    tokens = layout.microbatch_size * problem.training.sequence_length
+    members: dict[tuple[tuple[str, ...], int], list[int]] = {}
+    for group, key in enumerate(zip(layout.groups, layout.microbatches, strict=True)):
+        members.setdefault(key, []).append(group)
+    result = []
+    for (template, m), groups in members.items():
+        vectors = [_stage_vector(problem, layout, template, s, p2p_intra) for s in range(layout.pp)]
+        steady = [v.steady(tokens, overlap) for v in vectors]
+        fill = [v.fill(tokens) for v in vectors]
+        pipeline = sum(fill) + (m - 1) * max(steady)
+        drain = 0.0
+        for stage, v in enumerate(vectors):
+            result.append(
+                StageTime(
+                    stage=stage,
+                    pool=template[stage],
+                    groups=tuple(groups),
+                    microbatches=m,
+                    microbatch_seconds=steady[stage],
+                    busy_seconds=fill[stage] + (m - 1) * steady[stage],
+                    step_seconds=pipeline - drain,
+                )
+            )
+            drain += (tokens * (v.compute + v.expert_excess) + v.fixed) * v.backward_share
+    return sorted(result, key=lambda t: (t.stage, t.groups))

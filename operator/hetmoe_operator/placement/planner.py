@@ -57,12 +57,14 @@ def plan_job(
     job_name: str = "local",
     expert_load: Sequence[float] | None = None,
     previous: Plan | None = None,
+    mixed_pipelines: bool = True,
 ) -> Plan:
     """The best plan under ``placement``'s objective and pins.
 
     ``previous`` (optional) is the plan the job ran with before its capacity changed:
     the search then starts next to it, which is much faster on large clusters (a
-    local search: plan without it for the global optimum).
+    local search: plan without it for the global optimum). ``mixed_pipelines=False``
+    keeps every replica's stages on one pool (for comparisons).
 
     Raises PlanningError (never anything else for valid API objects) when no layout
     satisfies memory, divisibility, device count, pins or budget.
@@ -70,7 +72,7 @@ def plan_job(
     started = time.monotonic()
     problem = make_problem(model, training, cluster, expert_load)
     check_inputs(problem, placement)
-    searcher = Searcher(problem, placement, previous)
+    searcher = Searcher(problem, placement, previous, mixed_pipelines=mixed_pipelines)
     deadline = started + placement.time_limit_seconds
     searcher.run(deadline)
     if searcher.best is None:

@@ -10,6 +10,11 @@ Search space (every point is scored by :func:`~.layout.evaluate`):
   also with 2x and 4x deeper pipelines, which keeps the search linear in the grades;
 * EP groups of ``ep`` replicas, each group inside one pool; every pool of a chosen
   grade contributes as many groups as fit (fewer under a pinned dp or a budget);
+* mixed pipelines: the stages of one replica on two grades (the first k stages on
+  one, the rest on the other, each grade's largest pool), both orders, for the three
+  grades that did best alone; every EP group of such a layout shares that grade
+  order, with the (pp, ep) of the best plan so far and 2x deeper (or the full grid
+  when nothing else fits);
 * one uneven layer split shared by all replicas, balancing the slowest stage over the
   grades in use (and, if that overflows memory, a memory-aware split);
 * microbatch size, with each EP group's microbatch count proportional to its speed;
@@ -44,41 +49,65 @@ _STALE_MICROBATCH_OPTIONS = 1
 """Stop trying larger microbatch sizes after this many non-improving ones in a row."""
 _FAVOURITES = 2
 """(pp, ep) pairs per grade that mixes of grades are tried with."""
+_MIXED_GRADES = 3
+"""Grades (those best on their own) whose ordered pairs are tried as mixed pipelines."""
 
 
 class StageBalance:
-    """Stage times of several grades, each relative to its whole-model time, so one
-    split suits every grade in use; prefix sums make ``reach`` a bisection."""
+    """Stage times of several pipeline kinds, so one split suits every kind in use.
 
-    def __init__(self, profiles: Sequence[GradeProfile], pp: int) -> None:
-        self.last = pp - 1
-        self.prefixes: list[list[float]] = []
+    A kind is the grade serving each stage: ``(A, A, A)`` for a homogeneous pipeline
+    on A, ``(A, A, D)`` for a mixed one. Each kind's times are relative to its
+    whole-model time on its first stage's grade, so homogeneous pipelines of grades
+    of different speed weigh alike, while inside a mixed pipeline the stages compare
+    in absolute terms (a slower grade's stage gets fewer layers). Prefix sums make
+    ``reach`` a bisection.
+    """
+
+    def __init__(self, kinds: Sequence[Sequence[GradeProfile]]) -> None:
+        self.last = len(kinds[0]) - 1
+        self.stage_prefixes: list[list[list[float]]] = []
+        """Per kind, per stage: relative cumulative time of layers on that stage's grade."""
         self.heads: list[float] = []
-        for profile in profiles:
-            layers = len(profile.dense_prefix) - 1
-            whole = profile.passes * sum(profile.forward_seconds(0, layers)) + profile.head_seconds
-            self.prefixes.append(
-                [
-                    profile.passes * (d + e) / whole
-                    for d, e in zip(profile.dense_prefix, profile.expert_prefix, strict=True)
-                ]
-            )
-            self.heads.append(profile.head_seconds / whole)
+        """Per kind: relative time of the LM head on its last stage."""
+        for profiles in kinds:
+            whole = self._whole(profiles[0])
+            cache: dict[int, list[float]] = {}
+            prefixes = []
+            for profile in profiles:
+                if id(profile) not in cache:
+                    cache[id(profile)] = [
+                        profile.passes * (d + e) / whole
+                        for d, e in zip(profile.dense_prefix, profile.expert_prefix, strict=True)
+                    ]
+                prefixes.append(cache[id(profile)])
+            self.stage_prefixes.append(prefixes)
+            self.heads.append(profiles[-1].head_seconds / whole)
+
+    @staticmethod
+    def _whole(profile: GradeProfile) -> float:
+        layers = len(profile.dense_prefix) - 1
+        return profile.passes * sum(profile.forward_seconds(0, layers)) + profile.head_seconds
 
     def cost(self, stage: int, start: int, end: int) -> float:
-        """The worst grade's relative time for layers [start, end) on ``stage``."""
+        """The worst kind's relative time for layers [start, end) on ``stage``."""
         return max(
-            prefix[end] - prefix[start] + (head if stage == self.last else 0.0)
-            for prefix, head in zip(self.prefixes, self.heads, strict=True)
+            prefixes[stage][end] - prefixes[stage][start] + (head if stage == self.last else 0.0)
+            for prefixes, head in zip(self.stage_prefixes, self.heads, strict=True)
         )
 
     def reach(self, stage: int, start: int, bound: float) -> int:
         """Largest end with ``cost(stage, start, end) <= bound``."""
-        end = len(self.prefixes[0]) - 1
-        for prefix, head in zip(self.prefixes, self.heads, strict=True):
+        end = len(self.stage_prefixes[0][0]) - 1
+        for prefixes, head in zip(self.stage_prefixes, self.heads, strict=True):
+            prefix = prefixes[stage]
             target = prefix[start] + bound - (head if stage == self.last else 0.0)
             end = min(end, bisect_right(prefix, target * (1 + 1e-12)) - 1)
         return max(end, start - 1)
+
+
+Kinds = tuple[tuple[str, ...], ...]
+"""The distinct pipeline kinds of a layout: per kind, the grade serving each stage."""
 
 
 @dataclass(frozen=True)
@@ -158,9 +187,15 @@ class Searcher:
     """One planning run: fixed inputs, a deadline, the best layout so far."""
 
     def __init__(
-        self, problem: Problem, placement: PlacementSpec, previous: Plan | None = None
+        self,
+        problem: Problem,
+        placement: PlacementSpec,
+        previous: Plan | None = None,
+        *,
+        mixed_pipelines: bool = True,
     ) -> None:
         self.problem = problem
+        self.mixed_pipelines = mixed_pipelines
         self.placement = placement
         self.previous = previous
         self.best: Scored | None = None
@@ -253,29 +288,94 @@ class Searcher:
         order = {name: i for i, name in enumerate(self.problem.pools)}
         return tuple(sorted(groups, key=lambda t: order[t[0]]))
 
+    def mixed_groups(
+        self, order: tuple[str, str], first_stages: int, pp: int, ep: int
+    ) -> tuple[tuple[str, ...], ...] | None:
+        """EP groups of one mixed pipeline kind: the first ``first_stages`` stages on
+        grade ``order[0]``, the rest on ``order[1]``, each grade's stages served by its
+        largest pool; as many groups as both pools hold (fewer under a pinned dp or a
+        budget). None if not even one fits."""
+        pools = []
+        for grade in order:
+            names = self.grade_pools[grade]
+            pools.append(max(names, key=lambda n: (self.problem.pools[n].pool.devices, n)))
+        template = (pools[0],) * first_stages + (pools[1],) * (pp - first_stages)
+        count = min(
+            self.problem.pools[pool].pool.devices // (template.count(pool) * ep) for pool in pools
+        )
+        if self.placement.data_parallel is not None:
+            if self.placement.data_parallel % ep or count < self.placement.data_parallel // ep:
+                return None
+            count = self.placement.data_parallel // ep
+        budget = self.placement.budget_per_hour
+        if self.placement.objective == "throughput-under-budget" and budget is not None:
+            price = sum(self.problem.pools[p].grade.price_per_hour for p in template) * ep
+            affordable = int(budget * (1 + 1e-9) // price)
+            if affordable < 1:
+                self.cheapest_blocked = min(self.cheapest_blocked, price)
+            count = min(count, affordable)
+        return (template,) * count if count >= 1 else None
+
+    def _search_mixed(
+        self,
+        grades: Sequence[str],
+        grid: Sequence[tuple[int, int]],
+        deadline: float,
+        options: list[int],
+    ) -> None:
+        """Mixed pipelines: every ordered pair of ``grades``, each (pp, ep) of ``grid``
+        with pp >= 2, and a few stage counts for the first grade (all of them for
+        short pipelines; else the two that use both pools in proportion to their
+        size)."""
+        pairs = [(a, b) for a in grades for b in grades if a != b]
+        for pp, ep in grid:
+            if pp < 2:
+                continue
+            for order in pairs:
+                sizes = [
+                    max(self.problem.pools[n].pool.devices for n in self.grade_pools[g])
+                    for g in order
+                ]
+                if pp <= 4:
+                    splits = list(range(1, pp))
+                else:
+                    share = pp * sizes[0] / (sizes[0] + sizes[1])
+                    splits = sorted({int(share), int(share) + 1} & set(range(1, pp)))
+                for first in splits:
+                    if time.monotonic() > deadline:
+                        return
+                    groups = self.mixed_groups(order, first, pp, ep)
+                    if groups is not None and self.state_can_fit(groups, pp, ep):
+                        self._try_microbatches(groups, pp, ep, options)
+
     # -- layer split -------------------------------------------------------------
 
-    def balance(self, pp: int, grades: tuple[str, ...]) -> StageBalance:
-        """Normalised stage times of ``grades`` (cached)."""
-        key = (pp, grades)
-        if key not in self._balances:
-            profiles = [self.problem.pools[self.grade_pools[g][0]].profile for g in grades]
-            self._balances[key] = StageBalance(profiles, pp)
-        return self._balances[key]
+    def kinds_of(self, groups: tuple[tuple[str, ...], ...]) -> Kinds:
+        """The distinct pipeline kinds (grade per stage) of ``groups``, sorted."""
+        pools = self.problem.pools
+        return tuple(sorted({tuple(pools[p].grade.name for p in t) for t in groups}))
 
-    def time_split(self, pp: int, grades: tuple[str, ...]) -> tuple[int, ...] | None:
-        """Split minimising the slowest stage over the grades in use (cached)."""
-        key = (pp, grades)
-        if key not in self._splits:
-            balance = self.balance(pp, grades)
+    def balance(self, kinds: Kinds) -> StageBalance:
+        """Normalised stage times of the pipeline kinds in use (cached)."""
+        if kinds not in self._balances:
+            profile = {
+                g: self.problem.pools[pools[0]].profile for g, pools in self.grade_pools.items()
+            }
+            self._balances[kinds] = StageBalance([[profile[g] for g in k] for k in kinds])
+        return self._balances[kinds]
+
+    def time_split(self, kinds: Kinds) -> tuple[int, ...] | None:
+        """Split minimising the slowest stage over the pipeline kinds in use (cached)."""
+        if kinds not in self._splits:
+            balance = self.balance(kinds)
             layers = self.problem.model.num_hidden_layers
-            self._splits[key] = split_layers(
-                layers, pp, balance.reach, balance.cost(pp - 1, 0, layers)
-            )
-        return self._splits[key]
+            pp = len(kinds[0])
+            high = max(balance.cost(s, 0, layers) for s in range(pp))
+            self._splits[kinds] = split_layers(layers, pp, balance.reach, high)
+        return self._splits[kinds]
 
     def memory_split(
-        self, layout: Layout, grades: tuple[str, ...]
+        self, layout: Layout, kinds: Kinds
     ) -> tuple[tuple[int, ...], tuple[bool, ...]] | None:
         """Split that never overflows a device, recomputing activations only on the
         stages that need it (early 1F1B stages hold the most microbatches) and giving
@@ -330,7 +430,7 @@ class Searcher:
                     limits[key] = low
             return limits[key]
 
-        balance = self.balance(pp, grades)
+        balance = self.balance(kinds)
         passes = 1.0 + problem.assumptions.backward_factor
         slowdown = (passes + 1.0) / passes
 
@@ -339,9 +439,9 @@ class Searcher:
             slow = min(balance.reach(stage, start, bound / slowdown), max_end(stage, start, True))
             return max(plain, slow)
 
-        floor = self.time_split(pp, grades)
+        floor = self.time_split(kinds)
         low = max(balance.cost(st, floor[st], floor[st + 1]) for st in range(pp)) if floor else 0.0
-        high = balance.cost(pp - 1, 0, layers) * slowdown
+        high = max(balance.cost(st, 0, layers) for st in range(pp)) * slowdown
         bounds = split_layers(layers, pp, reach, high, low=low)
         if bounds is None:
             return None
@@ -384,14 +484,14 @@ class Searcher:
 
     def layouts_for(
         self,
-        subset: tuple[str, ...],
         groups: tuple[tuple[str, ...], ...],
         pp: int,
         ep: int,
         microbatch_size: int,
     ) -> Iterator[Layout]:
         """Variants of one configuration, cheapest in compute first."""
-        bounds = self.time_split(pp, subset)
+        kinds = self.kinds_of(groups)
+        bounds = self.time_split(kinds)
         if bounds is None:
             return
         counts = self.microbatch_counts(groups, bounds, ep, microbatch_size)
@@ -404,13 +504,13 @@ class Searcher:
             layout = Layout(pp, ep, bounds, groups, microbatch_size, counts, plain, redundant)
             yield layout
             # A memory-aware split found for another microbatch size often fits too.
-            key = (subset, pp, ep, redundant)
+            key = (kinds, ep, redundant)
             previous = self._balanced.get(key)
             if previous is not None:
                 yield Layout(
                     pp, ep, previous[0], groups, microbatch_size, counts, previous[1], redundant
                 )
-            balanced = self.memory_split(layout, subset)
+            balanced = self.memory_split(layout, kinds)
             if balanced is not None and balanced != (bounds, plain) and balanced != previous:
                 self._balanced[key] = balanced
                 yield Layout(
@@ -477,11 +577,32 @@ class Searcher:
                 groups = self.groups_for(subset, pp, ep)
                 if groups is None or not self.state_can_fit(groups, pp, ep):
                     continue
-                found = self._try_microbatches(subset, groups, pp, ep, microbatch_options)
+                found = self._try_microbatches(groups, pp, ep, microbatch_options)
                 if found < float("inf"):
                     results.append((found, pp, ep))
             if len(subset) == 1:
                 favourites[subset[0]] = sorted(results)[:_FAVOURITES]
+        if len(self.grade_pools) < 2 or not self.mixed_pipelines:
+            return
+        # Mixed pipelines: the _MIXED_GRADES grades that did best alone, with the
+        # degrees of the best plan so far (and 2x deeper); the full grid when no
+        # plan was found (no single grade could hold the model on its own).
+        ranked = sorted(x for found in favourites.values() for x in found)[:1]
+        if self.best is not None:
+            ranked = [(0.0, self.best.layout.pp, self.best.layout.ep)]
+        deeper = [(pp * k, ep) for _, pp, ep in ranked for k in (1, 2)]
+        grid = [x for x in dict.fromkeys(deeper) if x[0] in self.pp_options()] or full_grid
+        catalog = self.problem.cluster.catalog
+        by_result = sorted(
+            self.grade_pools,
+            key=lambda g: (
+                favourites[g][0][0] if favourites.get(g) else float("inf"),
+                -catalog.grade(g).effective_tflops("expert_ffn"),
+                g,
+            ),
+        )
+        grades = sorted(by_result[:_MIXED_GRADES])
+        self._search_mixed(grades, grid, deadline, microbatch_options)
 
     def _search_near(self, previous: Plan, deadline: float, options: list[int]) -> None:
         """Re-plan after a capacity change: the previous plan's grades (those still
@@ -498,7 +619,14 @@ class Searcher:
                     continue
                 groups = self.groups_for(subset, p, e)
                 if groups is not None and self.state_can_fit(groups, p, e):
-                    self._try_microbatches(subset, groups, p, e, options)
+                    self._try_microbatches(groups, p, e, options)
+        replica_grades: dict[int, set[str]] = {}
+        for rank in previous.ranks:
+            replica_grades.setdefault(rank.dp_index, set()).add(rank.grade)
+        mixed = any(len(g) > 1 for g in replica_grades.values())
+        if self.mixed_pipelines and len(grades) > 1 and mixed:
+            near_ok = [(p, e) for p, e in near if p in allowed_pp and e in allowed_ep]
+            self._search_mixed(grades, near_ok, deadline, options)
 
     def state_can_fit(self, groups: tuple[tuple[str, ...], ...], pp: int, ep: int) -> bool:
         """Necessary condition: weights, gradients and sharded optimizer state, spread
@@ -520,7 +648,6 @@ class Searcher:
 
     def _try_microbatches(
         self,
-        subset: tuple[str, ...],
         groups: tuple[tuple[str, ...], ...],
         pp: int,
         ep: int,
@@ -534,7 +661,7 @@ class Searcher:
             if batch // size < len(groups) * ep:
                 break
             found = float("inf")
-            for layout in self.layouts_for(subset, groups, pp, ep, size):
+            for layout in self.layouts_for(groups, pp, ep, size):
                 evaluation = self.consider(layout)
                 if evaluation.fits:
                     found = score(evaluation, self.placement)

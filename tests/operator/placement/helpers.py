@@ -99,4 +99,11 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
     step = plan.prediction.step_time
     parts = step.compute + step.bubble + step.communication + step.imbalance + step.optimizer
     assert abs(parts - step.total) <= 1e-9 * step.total
+    assert plan.prediction.fraction_of_ideal <= 1 + 1e-9, "the ideal bound must bound the plan"
+    for entry in plan.prediction.stages:
+        assert entry.step_seconds <= step.total * (1 + 1e-9)
+        assert entry.busy_seconds <= entry.step_seconds * (1 + 1e-9)
+    assert {e.stage for e in plan.prediction.stages} == set(range(degrees.pp))
+    replicas = sorted(i for e in plan.prediction.stages if e.stage == 0 for i in e.replicas)
+    assert replicas == list(range(degrees.dp))
     assert Plan.from_json(plan.to_json()) == plan

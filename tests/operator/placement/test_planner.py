@@ -140,7 +140,9 @@ def test_mixed_grades_throughput_uses_both_and_splits_batch_by_speed() -> None:
         [("fast-pool", "fast", 2, 8), ("slow-pool", "slow", 2, 8)],
     )
     model = PRESETS["ling-lite"]
-    plan = plan_job(model, training(256, 4096), description, PlacementSpec())
+    # One stage per replica, so replicas are homogeneous (a mixed pipeline wins here
+    # otherwise, see test_mixed_pipelines.py).
+    plan = plan_job(model, training(256, 4096), description, PlacementSpec(pipeline_parallel=1))
     check_plan(plan, description)
     grades = {r.dp_index: r.grade for r in plan.ranks}
     samples = {r.dp_index: r.samples_per_step for r in plan.replicas}

@@ -1,0 +1,118 @@
+"""``hetmoe profile`` and ``hetmoe plan --profile`` through the real CLI entry point."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hetmoe_operator.cli.main import main
+from hetmoe_operator.plan import Plan
+
+JOB = """
+apiVersion: hetmoe.io/v1alpha1
+kind: MoEJob
+metadata: {name: tiny-local}
+spec:
+  model: {preset: tiny}
+  training: {steps: 10, globalBatchSize: 8, sequenceLength: 64}
+  placement: {pipelineParallel: 1, dataParallel: 1}
+"""
+
+CLUSTER = """
+catalog:
+  grades:
+    - {name: cpu, peakBf16Tflops: 0.2, memoryGib: 8, pricePerHour: 0}
+pools:
+  - {name: local, grade: cpu, nodes: 1, devicesPerNode: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def profile_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("profile") / "cpu.yaml"
+    assert main(["profile", "--repeats", "2", "--processes", "4", "-o", str(path)]) == 0
+    return path
+
+
+def test_profile_measures_every_operation_class(
+    profile_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = yaml.safe_load(profile_file.read_text())
+    assert data["apiVersion"] == "hetmoe.io/profile/v1"
+    for name in ("attention", "expertFfn", "denseFfn", "embedding", "optimizer"):
+        assert data["seconds"][name] > 0
+        assert data["throughput"][name] > 0
+
+
+def _plan(tmp_path: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> Plan:
+    job, cluster = tmp_path / "job.yaml", tmp_path / "cluster.yaml"
+    job.write_text(JOB)
+    cluster.write_text(CLUSTER)
+    capsys.readouterr()
+    assert main(["plan", "-f", str(job), "--cluster", str(cluster), "-o", "json", *extra]) == 0
+    return Plan.from_json(capsys.readouterr().out)
+
+
+def test_plan_uses_the_profile_and_shares_cores(
+    profile_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = _plan(tmp_path, capsys=capsys)
+    alone = _plan(tmp_path, "--profile", f"cpu={profile_file}", capsys=capsys)
+    shared = _plan(
+        tmp_path,
+        "--profile",
+        f"cpu={profile_file}",
+        "--processes-per-machine",
+        "4",
+        capsys=capsys,
+    )
+    assert catalog.prediction and alone.prediction and shared.prediction
+    assert any("measured effective TFLOPS" in line for line in alone.prediction.assumptions)
+    assert alone.prediction.step_time.total != catalog.prediction.step_time.total
+    # Four single-threaded workers on two cores: each computes at half speed.
+    ratio = shared.prediction.step_time.compute / alone.prediction.step_time.compute
+    assert ratio == pytest.approx(2.0, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--profile", "cpu"], "expected GRADE=FILE"),
+        (["--profile", "gpu={profile}"], "unknown accelerator grade 'gpu'"),
+        (["--profile", "cpu=/nonexistent.yaml"], "no such file"),
+    ],
+)
+def test_bad_profile_arguments_are_one_clear_error(
+    args: list[str],
+    message: str,
+    profile_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    job, cluster = tmp_path / "job.yaml", tmp_path / "cluster.yaml"
+    job.write_text(JOB)
+    cluster.write_text(CLUSTER)
+    args = [a.replace("{profile}", str(profile_file)) for a in args]
+    assert main(["plan", "-f", str(job), "--cluster", str(cluster), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_profile_file_is_one_clear_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"apiVersion": "hetmoe.io/profile/v1", "device": "x"}))
+    job, cluster = tmp_path / "job.yaml", tmp_path / "cluster.yaml"
+    job.write_text(JOB)
+    cluster.write_text(CLUSTER)
+    assert main(["plan", "-f", str(job), "--cluster", str(cluster), "--profile", f"cpu={bad}"]) == 2
+    assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_profile_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["profile", "--repeats", "0"]) == 2
+    assert "--repeats must be at least 1" in capsys.readouterr().err

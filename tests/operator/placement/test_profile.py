@@ -1,0 +1,103 @@
+"""Measured profiles: effective throughput from seconds, sharing cores, applying to grades."""
+
+from __future__ import annotations
+
+import pytest
+
+from hetmoe_operator.api.job import PlacementSpec
+from hetmoe_operator.api.model import PRESETS
+from hetmoe_operator.api.training import TrainingConfig
+from hetmoe_operator.placement import plan_job
+from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile
+from hetmoe_operator.placement.layout import Layout, Problem, evaluate
+from hetmoe_operator.placement.profile import (
+    DeviceProfile,
+    OperationSeconds,
+    cluster_with_profiles,
+    shared_throughput,
+    throughput_from_seconds,
+)
+
+from .helpers import local_cluster
+
+TINY = PRESETS["tiny"]
+SECONDS = OperationSeconds(
+    attention=16e-6, expert_ffn=110e-6, dense_ffn=8e-6, embedding=15e-6, optimizer=40e-9
+)
+
+
+def _profile(threads: int = 1, cores: int = 2) -> DeviceProfile:
+    return DeviceProfile(
+        device="test cpu",
+        threads=threads,
+        cores=cores,
+        model=TINY,
+        sequence_length=64,
+        microbatch_size=2,
+        repeats=5,
+        seconds=SECONDS,
+        throughput=throughput_from_seconds(TINY, 64, SECONDS, "test"),
+    )
+
+
+def test_a_profiled_grade_predicts_the_measured_seconds() -> None:
+    cluster = cluster_with_profiles(local_cluster(1), {"cpu": _profile().throughput})
+    grade = cluster.catalog.grade("cpu")
+    profile = GradeProfile(TINY, grade, 64, Assumptions())
+    dense, expert = profile.forward_seconds(1, 2)  # layer 1 is a MoE layer
+    assert profile.passes * dense == pytest.approx(SECONDS.attention)
+    assert profile.passes * expert == pytest.approx(SECONDS.expert_ffn)
+    dense0, _ = profile.forward_seconds(0, 1)  # layer 0 is dense
+    assert profile.passes * dense0 == pytest.approx(SECONDS.attention + SECONDS.dense_ffn)
+    assert profile.head_seconds == pytest.approx(SECONDS.embedding)
+    assert profile.optimizer_seconds_per_param == pytest.approx(SECONDS.optimizer)
+
+
+@pytest.mark.parametrize(
+    ("processes", "threads", "share"), [(1, 1, 1.0), (2, 1, 1.0), (4, 1, 0.5), (2, 2, 0.5)]
+)
+def test_processes_sharing_cores_each_get_a_share(
+    processes: int, threads: int, share: float
+) -> None:
+    profile = _profile(threads=threads, cores=2)
+    shared = shared_throughput(profile, processes)
+    assert shared.expert_ffn == pytest.approx(profile.throughput.expert_ffn * share)
+    assert ("shared by" in shared.source) == (share < 1)
+
+
+def test_profile_file_round_trips() -> None:
+    profile = _profile()
+    assert DeviceProfile.model_validate(profile.to_wire()) == profile
+
+
+def test_unknown_grade_is_named() -> None:
+    with pytest.raises(KeyError, match="the catalog knows: cpu"):
+        cluster_with_profiles(local_cluster(1), {"gpu": _profile().throughput})
+
+
+def test_fixed_seconds_per_microbatch_are_charged_and_favour_larger_microbatches() -> None:
+    fixed = SECONDS.model_copy(
+        update={
+            "attention_fixed": 1e-3,
+            "expert_ffn_fixed": 2e-3,
+            "dense_ffn_fixed": 0.5e-3,
+            "embedding_fixed": 1e-3,
+        }
+    )
+    plain = cluster_with_profiles(local_cluster(1), {"cpu": _profile().throughput})
+    costly = cluster_with_profiles(
+        local_cluster(1), {"cpu": throughput_from_seconds(TINY, 64, fixed, "test")}
+    )
+    batch = TrainingConfig(steps=1, global_batch_size=16, sequence_length=64)
+    layout = Layout(1, 1, (0, 6), (("local",),), 2, (8,), (False,), False)
+    step = {
+        name: evaluate(Problem(TINY, batch, c, [1.0] * 8), layout).step
+        for name, c in (("plain", plain), ("costly", costly))
+    }
+    per_microbatch = 6 * 1e-3 + 5 * 2e-3 + 1 * 0.5e-3 + 1e-3
+    assert step["costly"].compute - step["plain"].compute == pytest.approx(8 * per_microbatch)
+    sizes = {
+        name: plan_job(TINY, batch, c, PlacementSpec()).replicas[0].microbatch_size
+        for name, c in (("plain", plain), ("costly", costly))
+    }
+    assert sizes["costly"] >= sizes["plain"]
