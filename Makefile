@@ -26,10 +26,16 @@ $(UV):
 	python3 -m venv $(HETMOE_CACHE)/bootstrap
 	$(HETMOE_CACHE)/bootstrap/bin/pip install --quiet uv==$(UV_VERSION)
 
-venv: $(UV) ## Create .venv and sync it to requirements.lock (fast when already in sync)
+venv: $(VENV)/.synced ## Create .venv and sync it to requirements.lock (a no-op when in sync)
+
+# A stamp, not a sync on every call: `uv pip sync` removes the editable hetmoe before
+# reinstalling it, which would break tests already running from the same venv (say a
+# `make lint` next to a long pytest run).
+$(VENV)/.synced: requirements.lock pyproject.toml | $(UV)
 	[ -x $(PY) ] || $(UV) venv --quiet --python python3.11 $(VENV)
 	$(UV) pip sync --quiet --python $(PY) requirements.lock
 	$(UV) pip install --quiet --python $(PY) --no-deps -e .
+	touch $@
 
 cluster-bin: ## Build (once) etcd, kube-apiserver, controller-manager, scheduler, kwok, helm
 	bash tests/cluster/build.sh >/dev/null
