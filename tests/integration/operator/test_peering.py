@@ -22,6 +22,10 @@ from tests.integration.operator.conftest import (
 pytestmark = pytest.mark.integration
 
 
+# Not "hetmoe": that name belongs to the chart's release, which a later test installs.
+PEERING = "peering-test"
+
+
 def test_standby_replica_takes_over_when_the_active_one_dies(
     operator: OperatorProcess,
     control_plane: ControlPlane,
@@ -35,14 +39,14 @@ def test_standby_replica_takes_over_when_the_active_one_dies(
         "apply",
         "-f",
         "-",
-        input=("apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n  name: hetmoe\n"),
+        input=f"apiVersion: kopf.dev/v1\nkind: ClusterKopfPeering\nmetadata:\n  name: {PEERING}\n",
     )
     operator.stop()
     active = OperatorProcess(
-        control_plane, tmp_path / "a", ("--peering", "hetmoe", "--priority", "200")
+        control_plane, tmp_path / "a", ("--peering", PEERING, "--priority", "200")
     )
     standby = OperatorProcess(
-        control_plane, tmp_path / "b", ("--peering", "hetmoe", "--priority", "100")
+        control_plane, tmp_path / "b", ("--peering", PEERING, "--priority", "100")
     )
     for replica in (active, standby):
         replica.log_dir.mkdir()
@@ -63,4 +67,5 @@ def test_standby_replica_takes_over_when_the_active_one_dies(
     finally:
         active.stop()
         standby.stop()
+        control_plane.kubectl("delete", "clusterkopfpeering", PEERING, "--ignore-not-found")
         operator.start()
