@@ -39,10 +39,14 @@ class ParallelDegrees(ApiModel):
 
 
 class StagePlan(ApiModel):
-    """One pipeline stage: a contiguous range of global layer ids."""
+    """One pipeline stage: a contiguous range of global layer ids.
+
+    With ``Plan.virtual_stages`` = v > 1 this is one *virtual* stage (a chunk): pipeline
+    position ``r`` holds stages ``r, r + pp, ..., r + (v - 1) pp``.
+    """
 
     index: int = Field(ge=0)
-    """Stage position, 0 = first."""
+    """Stage position, 0 = first (the virtual stage index when interleaving)."""
     layer_start: int = Field(ge=0)
     """First global layer id (inclusive)."""
     layer_end: int = Field(ge=0)
@@ -239,7 +243,11 @@ class Plan(ApiModel):
     parallel: ParallelDegrees
     """Parallel degrees."""
     stages: list[StagePlan] = Field(min_length=1)
-    """Pipeline stages in order; every layer exactly once."""
+    """Pipeline stages in order; every layer exactly once (pp x virtual_stages entries)."""
+    virtual_stages: int = Field(default=1, ge=1)
+    """Stages (layer chunks) per pipeline position: 1 runs 1F1B; v > 1 runs interleaved
+    1F1B, position ``r`` holding stages ``r + k pp`` for k < v (smaller bubble, more
+    point-to-point transfers). Plans written before this field existed mean 1."""
     replicas: list[ReplicaPlan] = Field(min_length=1)
     """Data-parallel replicas; their samples add up to the global batch."""
     ranks: list[RankPlan] = Field(min_length=1)
@@ -257,15 +265,21 @@ class Plan(ApiModel):
             raise ValueError(f"{len(self.ranks)} ranks but pp x dp x tp = {world}")
         if [r.rank for r in self.ranks] != list(range(world)):
             raise ValueError("ranks must be listed in order 0..world_size-1")
-        if len(self.stages) != degrees.pp or [s.index for s in self.stages] != list(
-            range(degrees.pp)
-        ):
-            raise ValueError("stages must be listed in order, one per pipeline stage")
+        count = degrees.pp * self.virtual_stages
+        if len(self.stages) != count or [s.index for s in self.stages] != list(range(count)):
+            raise ValueError(
+                f"stages must be listed in order, pp x virtual_stages = {count} of them"
+            )
         covered = [layer for s in self.stages for layer in s.layers]
         if covered != list(range(self.model.num_hidden_layers)):
             raise ValueError("stages must cover every layer once, in order")
         if not self.stages[0].has_embedding or not self.stages[-1].has_head:
             raise ValueError("the first stage holds the embedding and the last the LM head")
+        if self.virtual_stages > 1 and (
+            any(s.has_embedding for s in self.stages[1:])
+            or any(s.has_head for s in self.stages[:-1])
+        ):
+            raise ValueError("only the first stage holds the embedding, only the last the LM head")
         if len(self.replicas) != degrees.dp:
             raise ValueError(f"{len(self.replicas)} replicas but dp = {degrees.dp}")
         batch = sum(r.samples_per_step for r in self.replicas)
@@ -285,6 +299,10 @@ class Plan(ApiModel):
     def world_size(self) -> int:
         """Number of worker processes."""
         return len(self.ranks)
+
+    def stages_at(self, position: int) -> list[StagePlan]:
+        """The stages (chunks) pipeline position ``position`` holds, in schedule order."""
+        return self.stages[position :: self.parallel.pp]
 
     def rank_at(self, pool: str, node_slot: int, local_rank: int) -> RankPlan:
         """The rank seated at device ``local_rank`` of node ``node_slot`` of ``pool``."""

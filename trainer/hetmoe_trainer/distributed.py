@@ -90,6 +90,14 @@ def validate_plan(plan: Plan) -> None:
     if sorted(r.dp_index for r in plan.replicas) != list(range(degrees.dp)):
         raise PlanError("replicas must be numbered 0..dp-1")
     replicas = {r.dp_index: r for r in plan.replicas}
+    if plan.virtual_stages > 1 and degrees.pp > 1:
+        for replica in plan.replicas:
+            if replica.num_microbatches % degrees.pp:
+                raise PlanError(
+                    f"replica {replica.dp_index}: interleaved 1F1B (virtual_stages="
+                    f"{plan.virtual_stages}) needs num_microbatches to be a multiple of "
+                    f"pp {degrees.pp}, got {replica.num_microbatches}"
+                )
     for stage in range(degrees.pp):
         groups: dict[int, list[RankPlan]] = {}
         for rank in plan.ranks:
@@ -103,7 +111,10 @@ def validate_plan(plan: Plan) -> None:
                     f"stage {stage} EP group {group_id}: replicas differ in num_microbatches, "
                     "so their all-to-alls cannot pair up"
                 )
-            if plan.stages[stage].layer_end > plan.model.first_k_dense_replace:
+            if any(
+                chunk.layer_end > plan.model.first_k_dense_replace
+                for chunk in plan.stages_at(stage)
+            ):
                 hosted = {e for m in members for e in m.experts}
                 missing = set(range(plan.model.num_experts)) - hosted
                 if missing:

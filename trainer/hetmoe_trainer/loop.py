@@ -139,7 +139,7 @@ class Trainer:
         device = context.device.device
         self.stage = build_stage(
             plan.model,
-            plan.stages[me.stage],
+            plan.stages_at(me.stage),
             training,
             context.expert_parallel,
             device=device,

@@ -22,6 +22,14 @@ uneven replicas. The balancing losses get the same factor
 
 With one stage (pp = 1) a plain gradient-accumulation loop runs the same maths
 without pipeline machinery.
+
+Interleaved 1F1B (``plan.virtual_stages`` = v > 1): the rank at pipeline position
+``r`` runs v ``PipelineStage`` objects, virtual stages ``r, r + pp, ...``, each a view
+(:class:`ChunkCompute`) of one chunk of the rank's single :class:`Stage` module, under
+``ScheduleInterleaved1F1B``. The stage module, its parameter names and everything
+after the backward (gradient sync, optimizer, checkpoint) are the same as with 1F1B.
+That schedule places virtual stage ``s`` on pp-group rank ``s % pp``, so the pp group's
+rank order (by process rank) must follow the pipeline positions.
 """
 
 from __future__ import annotations
@@ -33,9 +41,9 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
 
-from hetmoe_trainer.distributed import ParallelContext
+from hetmoe_trainer.distributed import ParallelContext, PlanError
 from hetmoe_trainer.model import Stage
 from hetmoe_trainer.model.dispatch import ExchangeTimer
 
@@ -79,16 +87,34 @@ class StageCompute(nn.Module):
         self.nan_gradients = False
         """Fault injection: make this stage's backward produce NaN gradients."""
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Run the stage at the step set with ``Stage.set_step``."""
+    def forward(self, inputs: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+        """Run the stage (or one chunk of it) at the step set with ``Stage.set_step``."""
         start, exchanged = time.perf_counter(), self.exchanges.seconds
         with torch.autocast(self._device_type, self._compute_dtype, enabled=self._autocast):
-            out = self.stage(inputs)
+            out = self.stage(inputs, chunk=chunk)
         self.forward_seconds += time.perf_counter() - start
         self.forward_exchange_seconds += self.exchanges.seconds - exchanged
         if self.nan_gradients and out.requires_grad:
             out = _NaNGradient.apply(out)
-        return out.to(self.stage.output.dtype)
+        output = self.stage.output if chunk is None else self.stage.chunk_output(chunk)
+        return out.to(output.dtype)
+
+
+class ChunkCompute(nn.Module):
+    """One chunk of the stage as its own module: the submodule of one virtual pipeline stage.
+
+    It only forwards to the shared :class:`StageCompute`, so the parameters stay those
+    of the one stage module (no copies, global names) and timing accumulates in one place.
+    """
+
+    def __init__(self, compute: StageCompute, chunk: int) -> None:
+        super().__init__()
+        self.compute = compute
+        self.chunk = chunk
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Run chunk ``self.chunk``."""
+        return self.compute(inputs, chunk=self.chunk)
 
 
 class StepRunner:
@@ -114,7 +140,7 @@ class StepRunner:
         )
         self.is_first = context.me.stage == 0
         self.is_last = context.me.stage == plan.parallel.pp - 1
-        self._schedule: Schedule1F1B | None = None
+        self._schedule: Schedule1F1B | ScheduleInterleaved1F1B | None = None
         if plan.parallel.pp > 1:
             self._schedule = self._build_schedule()
 
@@ -123,35 +149,59 @@ class StepRunner:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         return loss * (self._token_weight * self.loss_scale)
 
-    def _build_schedule(self) -> Schedule1F1B:
+    def _build_schedule(self) -> Schedule1F1B | ScheduleInterleaved1F1B:
         plan, context = self.context.plan, self.context
-        seq, hidden = plan.training.sequence_length, plan.model.hidden_size
-        device = context.device.device
+        pp, virtual = plan.parallel.pp, plan.virtual_stages
+        # The pp group orders members by process rank, not by stage: tell each stage
+        # which group rank holds each (virtual) stage of my replica.
+        column = [context.mesh.mesh[s][context.me.dp_index].item() for s in range(pp)]
+        group_rank = [dist.get_group_rank(context.pp_group, process) for process in column]
+        to_group_rank = {s: group_rank[s % pp] for s in range(pp * virtual)}
+        if virtual == 1:
+            pipe = self._pipeline_stage(0, context.me.stage, pp, self.compute)
+            pipe.stage_index_to_group_rank = to_group_rank
+            return Schedule1F1B(
+                pipe, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False
+            )
+        if group_rank != list(range(pp)):
+            raise PlanError(
+                "interleaved 1F1B needs the processes of a pipeline in stage order "
+                f"(replica {context.me.dp_index} has processes {column} for stages 0..{pp - 1}); "
+                "order plan ranks by stage or set virtual_stages to 1"
+            )
+        pipes = [
+            self._pipeline_stage(
+                k, context.me.stage + k * pp, pp * virtual, ChunkCompute(self.compute, k)
+            )
+            for k in range(len(self.stage.chunks))
+        ]
+        return ScheduleInterleaved1F1B(
+            pipes, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False
+        )
+
+    def _pipeline_stage(
+        self, chunk: int, index: int, num_stages: int, module: nn.Module
+    ) -> PipelineStage:
+        """The ``PipelineStage`` of (virtual) stage ``index``, with buffers declared up front."""
+        context = self.context
+        seq, hidden = context.plan.training.sequence_length, context.plan.model.hidden_size
         shape = (self.microbatch_size, seq)
-        if self.is_first:
+        if index == 0:
             inputs = torch.empty(shape, dtype=torch.long, device="meta")
         else:
             inputs = torch.empty((*shape, hidden), dtype=self.stage_input_dtype(), device="meta")
             inputs.requires_grad_(True)
-        output = torch.empty(
-            self.stage.output.shape(*shape), dtype=self.stage.output.dtype, device="meta"
-        ).requires_grad_(True)
-        pipe = PipelineStage(
-            self.compute,
-            context.me.stage,
-            plan.parallel.pp,
-            device,
+        output = self.stage.chunk_output(chunk)
+        outputs = torch.empty(output.shape(*shape), dtype=output.dtype, device="meta")
+        return PipelineStage(
+            module,
+            index,
+            num_stages,
+            context.device.device,
             input_args=(inputs,),
-            output_args=(output,),
+            output_args=(outputs.requires_grad_(True),),
             group=context.pp_group,
         )
-        # The pp group orders members by process rank, not by stage: tell the stage
-        # which group rank holds each stage of my replica.
-        column = [context.mesh.mesh[s][context.me.dp_index].item() for s in range(plan.parallel.pp)]
-        pipe.stage_index_to_group_rank = {
-            s: dist.get_group_rank(context.pp_group, process) for s, process in enumerate(column)
-        }
-        return Schedule1F1B(pipe, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False)
 
     def stage_input_dtype(self) -> torch.dtype:
         """Dtype of the hidden states received from the previous stage (its parameter dtype)."""

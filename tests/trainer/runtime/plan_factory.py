@@ -25,18 +25,21 @@ def make_plan(
     balancing: str = "aux-loss",
     anomaly: AnomalyPolicy | None = None,
     warmup: int = 2,
+    virtual_stages: int = 1,
 ) -> Plan:
     """A valid plan of the tiny preset.
 
-    ``stage_layers``: layers per stage (default: as even as possible);
+    ``stage_layers``: layers per (virtual) stage, ``pp x virtual_stages`` entries
+    (default: as even as possible);
     ``replicas``: ``(microbatch_size, num_microbatches)`` per replica (default 2 x 2).
     """
     arch = PRESETS["tiny"]
     layers = arch.num_hidden_layers
+    num_stages = pp * virtual_stages
     if stage_layers is None:
-        base, extra = divmod(layers, pp)
-        stage_layers = [base + (1 if s < extra else 0) for s in range(pp)]
-    assert sum(stage_layers) == layers and len(stage_layers) == pp
+        base, extra = divmod(layers, num_stages)
+        stage_layers = [base + (1 if s < extra else 0) for s in range(num_stages)]
+    assert sum(stage_layers) == layers and len(stage_layers) == num_stages
     stages, start = [], 0
     for index, count in enumerate(stage_layers):
         stages.append(
@@ -45,7 +48,7 @@ def make_plan(
                 layer_start=start,
                 layer_end=start + count,
                 has_embedding=index == 0,
-                has_head=index == pp - 1,
+                has_head=index == num_stages - 1,
             )
         )
         start += count
@@ -91,6 +94,7 @@ def make_plan(
         training=training,
         parallel=ParallelDegrees(pp=pp, dp=dp, ep=ep),
         stages=stages,
+        virtual_stages=virtual_stages,
         replicas=replica_plans,
         ranks=ranks,
     )

@@ -11,7 +11,7 @@ one-to-one onto the reference (Hugging Face Bailing) names with
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -128,12 +128,19 @@ def _recompute_contexts(
 
 
 class Stage(nn.Module):
-    """The module one pipeline stage runs (see the package docstring for the interface)."""
+    """The module one pipeline position runs (see the package docstring for the interface).
+
+    Built from one :class:`StagePlan` or, for an interleaved schedule, from several
+    (the position's chunks, e.g. layers 0-2 and 6-8). Every layer still sits in the one
+    ``layers`` ModuleDict under its global id, so parameter names, checkpoints, gradient
+    sync and the per-layer expert statistics do not depend on the chunking;
+    ``forward(x, chunk=k)`` runs chunk ``k`` alone (what a virtual pipeline stage calls).
+    """
 
     def __init__(
         self,
         arch: ModelArchitecture,
-        plan: StagePlan,
+        plan: StagePlan | Sequence[StagePlan],
         training: TrainingConfig,
         ep: ExpertParallel,
         *,
@@ -142,19 +149,24 @@ class Stage(nn.Module):
     ) -> None:
         super().__init__()
         self.arch = arch
-        self.plan = plan
+        self.chunks: tuple[StagePlan, ...] = (plan,) if isinstance(plan, StagePlan) else tuple(plan)
+        if not self.chunks:
+            raise ValueError("a stage needs at least one StagePlan")
         self.balancing = training.balancing
         self.step = 0
         """Global step used when ``forward`` gets none (non-first pipeline stages)."""
-        if plan.has_embedding:
+        self.has_embedding = self.chunks[0].has_embedding
+        self.has_head = self.chunks[-1].has_head
+        if self.has_embedding:
             self.embed = nn.Embedding(arch.vocab_size, arch.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleDict(
             {
                 str(i): DecoderLayer(arch, training, ep, i, device=device, dtype=dtype)
-                for i in plan.layers
+                for chunk in self.chunks
+                for i in chunk.layers
             }
         )
-        if plan.has_head:
+        if self.has_head:
             self.norm = RMSNorm(arch.hidden_size, arch.rms_norm_eps, device=device, dtype=dtype)
             self.head = NormHead(
                 arch.hidden_size,
@@ -165,9 +177,15 @@ class Stage(nn.Module):
             )
         self.output = (
             StageOutput("logits", arch.vocab_size, torch.float32)
-            if plan.has_head
+            if self.has_head
             else StageOutput("hidden", arch.hidden_size, dtype)
         )
+
+    def chunk_output(self, chunk: int) -> StageOutput:
+        """What chunk ``chunk`` returns (hidden states unless it is the head's chunk)."""
+        if chunk == len(self.chunks) - 1:
+            return self.output
+        return StageOutput("hidden", self.arch.hidden_size, next(self.parameters()).dtype)
 
     def set_step(self, step: int) -> None:
         """Global step for forwards called without ``step`` (routing warmup needs it).
@@ -177,11 +195,25 @@ class Stage(nn.Module):
         """
         self.step = step
 
-    def forward(self, inputs: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Token ids ``[B, S]`` (first stage) or hidden ``[B, S, H]`` -> hidden or logits."""
+    def forward(
+        self, inputs: torch.Tensor, step: int | None = None, chunk: int | None = None
+    ) -> torch.Tensor:
+        """Token ids ``[B, S]`` (first chunk) or hidden ``[B, S, H]`` -> hidden or logits.
+
+        ``chunk=None`` runs every chunk in order, which is the model only when the
+        chunks are consecutive (one pipeline position); a pipeline runs one at a time.
+        """
         step = self.step if step is None else step
-        x = self.embed(inputs) if self.plan.has_embedding else inputs
-        if self.layers:
+        chunks = range(len(self.chunks)) if chunk is None else (chunk,)
+        x = inputs
+        for k in chunks:
+            x = self._run_chunk(self.chunks[k], x, step)
+        return x
+
+    def _run_chunk(self, plan: StagePlan, x: torch.Tensor, step: int) -> torch.Tensor:
+        if plan.has_embedding:
+            x = self.embed(x)
+        if plan.layers:
             cos, sin = rope_tables(
                 x.shape[1],
                 self.arch.resolved_head_dim,
@@ -189,8 +221,9 @@ class Stage(nn.Module):
                 device=x.device,
                 dtype=x.dtype,
             )
-            recompute = self.plan.recompute_activations and torch.is_grad_enabled()
-            for layer in self.layers.values():
+            recompute = plan.recompute_activations and torch.is_grad_enabled()
+            for i in plan.layers:
+                layer = self.layers[str(i)]
                 if recompute:
                     x = checkpoint(
                         layer,
@@ -203,7 +236,7 @@ class Stage(nn.Module):
                     )
                 else:
                     x = layer(x, cos, sin, step)
-        if self.plan.has_head:
+        if plan.has_head:
             return self.head(self.norm(x))
         return x
 
@@ -267,14 +300,14 @@ class Stage(nn.Module):
 
 def build_stage(
     arch: ModelArchitecture,
-    stage: StagePlan,
+    stage: StagePlan | Sequence[StagePlan],
     training: TrainingConfig,
     ep: ExpertParallel,
     *,
     device: torch.device | str,
     dtype: torch.dtype = torch.float32,
 ) -> Stage:
-    """Build and deterministically initialise one pipeline stage on ``device``.
+    """Build and deterministically initialise one pipeline stage (or its chunks) on ``device``.
 
     PyTorch's default initialisation runs first and is then overwritten by
     :func:`~hetmoe_trainer.model.init.initialize` from (seed, reference name).
