@@ -13,22 +13,33 @@ Run from the repository root:
    throughput shared by that layout's processes (``cores / processes`` each when the
    processes outnumber the cores), plans the job with the layout pinned, and runs it
    for real with ``hetmoe run`` (local mode, OMP_NUM_THREADS=1 as in the profile).
-3. Prints predicted vs measured step time (median over the steps after warm-up of
+   The profile includes gloo collective latency and bandwidth between two local
+   processes; the plan uses them (latencies in the cost model's assumptions,
+   bandwidth as the grade's link speed).
+3. Before each run, measures the cores the machine's other tenants leave free (busy
+   processes' CPU over wall time) and also predicts the same layout with the
+   profile shared over those instead of all cores ("predicted@free").
+4. Prints predicted vs measured step time (median over the steps after warm-up of
    every run, then the median of the runs; and the fastest step of all runs, the
    least disturbed like the profile's fastest repetition), ratios and load averages.
 
-The machine is shared: every figure comes with ``uptime``'s load average.
+The machine is shared: every figure comes with ``uptime``'s load average. A failed
+run's worker logs are copied to a kept ``hetmoe-accuracy-failed-*`` directory under
+the system temp directory, whose path is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +51,18 @@ from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.api.model import PRESETS
 from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_operator.cli.profile_command import make_profile
-from hetmoe_operator.placement import plan_job
-from hetmoe_operator.placement.profile import DeviceProfile, shared_throughput
+from hetmoe_operator.placement.build import build_plan
+from hetmoe_operator.placement.checks import check_inputs
+from hetmoe_operator.placement.cost_model import Assumptions
+from hetmoe_operator.placement.layout import Layout, Problem, evaluate
+from hetmoe_operator.placement.planner import expert_loads
+from hetmoe_operator.placement.profile import (
+    DeviceProfile,
+    assumptions_with_communication,
+    grade_with_communication,
+    shared_throughput,
+)
+from hetmoe_operator.placement.search import Searcher
 from hetmoe_operator.plan import Plan
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,7 +86,24 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def cluster_for(profile: DeviceProfile, devices: int) -> ClusterDescription:
+def _spin(seconds: float) -> float:
+    wall, cpu = time.perf_counter(), time.process_time()
+    while time.perf_counter() - wall < seconds:
+        pass
+    return (time.process_time() - cpu) / (time.perf_counter() - wall)
+
+
+def free_cores(cores: int, seconds: float = 1.0) -> float:
+    """Cores a job gets right now: ``cores`` busy processes for ``seconds``, summing
+    their CPU over wall time (the machine's other tenants take the rest). The
+    profile's CPU seconds assume a core of one's own; this is what is left of them."""
+    with multiprocessing.Pool(cores) as pool:
+        return sum(pool.map(_spin, [seconds] * cores))
+
+
+def cluster_for(
+    profile: DeviceProfile, devices: int, cores: float | None = None
+) -> ClusterDescription:
     grade = DeviceGrade(
         name="cpu",
         description="this machine's CPU, measured by hetmoe profile",
@@ -74,12 +112,43 @@ def cluster_for(profile: DeviceProfile, devices: int) -> ClusterDescription:
         price_per_hour=0,
         intra_node_gbps=10.0,
         inter_node_gbps=10.0,
-        measured=shared_throughput(profile, devices),
+        measured=shared_throughput(profile, devices, cores),
     )
+    if profile.communication is not None:
+        grade = grade_with_communication(grade, profile.communication)
     return ClusterDescription(
         catalog=DeviceCatalog(grades=[grade], cross_pool_gbps=10.0),
         pools=[NodePool(name="cpu", grade="cpu", nodes=1, devices_per_node=devices)],
     )
+
+
+def problem_for(
+    profile: DeviceProfile, training: TrainingConfig, cluster: ClusterDescription
+) -> Problem:
+    """The planner's inputs with the profile's measured collective latencies in the
+    cost model's assumptions (``plan_job`` itself always uses the defaults)."""
+    assumptions = Assumptions()
+    if profile.communication is not None:
+        assumptions = assumptions_with_communication(profile.communication, assumptions)
+    model = PRESETS["tiny"]
+    return Problem(model, training, cluster, expert_loads(model, None), assumptions)
+
+
+def plan_measured(
+    profile: DeviceProfile,
+    training: TrainingConfig,
+    cluster: ClusterDescription,
+    spec: PlacementSpec,
+    name: str,
+) -> tuple[Plan, Layout]:
+    """``plan_job`` on :func:`problem_for`'s inputs, and the chosen layout."""
+    problem = problem_for(profile, training, cluster)
+    check_inputs(problem, spec)
+    searcher = Searcher(problem, spec, None)
+    searcher.run(float("inf"))
+    assert searcher.best is not None, f"no plan for {name}"
+    best = searcher.best
+    return build_plan(problem, best.layout, best.evaluation, spec, name), best.layout
 
 
 def job_manifest(name: str, pins: dict[str, int], steps: int, batch: int, seq: int) -> dict:
@@ -106,8 +175,17 @@ def job_manifest(name: str, pins: dict[str, int], steps: int, batch: int, seq: i
     }
 
 
-def run_once(job: Path, cluster: Path, run_dir: Path) -> tuple[list[float], dict[str, float]]:
-    """Step seconds after warm-up and the last per-stage step times of one real run."""
+class RunFailed(RuntimeError):
+    """A real run exited non-zero; its run directory and output were kept."""
+
+
+def run_once(
+    job: Path, cluster: Path, run_dir: Path, kept: Path
+) -> tuple[list[float], dict[str, float]]:
+    """Step seconds after warm-up and the last per-stage step times of one real run.
+
+    A failed run's directory (worker logs, checkpoints) and its output are copied to
+    ``kept`` (outside the temporary directory) before raising RunFailed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*HETMOE, "run", "-f", str(job), "--cluster", str(cluster), "--run-dir", str(run_dir)],
@@ -117,7 +195,15 @@ def run_once(job: Path, cluster: Path, run_dir: Path) -> tuple[list[float], dict
         check=False,
     )
     if done.returncode:
-        raise RuntimeError(f"hetmoe run failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        target = kept / run_dir.name
+        if run_dir.exists():
+            shutil.copytree(run_dir, target, dirs_exist_ok=True)
+        target.mkdir(parents=True, exist_ok=True)
+        (target / "hetmoe-run.stdout").write_text(done.stdout)
+        (target / "hetmoe-run.stderr").write_text(done.stderr)
+        raise RunFailed(
+            f"hetmoe run failed ({done.returncode}); logs kept in {target}\n{done.stderr[-2000:]}"
+        )
     log = run_dir / "checkpoints/train_log.jsonl"
     records = {}
     for line in log.read_text().splitlines():
@@ -158,6 +244,8 @@ def main() -> int:
     )
     rows = []
     layouts: dict[str, Any] = {}
+    kept = Path(tempfile.mkdtemp(prefix="hetmoe-accuracy-failed-"))
+    failures: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="hetmoe-accuracy-") as tmp:
         for index, (name, pins) in enumerate(LAYOUTS.items()):
             if args.only and name not in args.only:
@@ -165,28 +253,42 @@ def main() -> int:
             devices = pins["pipelineParallel"] * pins["dataParallel"]
             cluster = cluster_for(profile, devices)
             spec = PlacementSpec.model_validate(pins)
-            plan = plan_job(PRESETS["tiny"], training, cluster, spec, job_name=f"acc{index}")
+            plan, layout = plan_measured(profile, training, cluster, spec, f"acc{index}")
             assert plan.prediction is not None
             cluster_file = Path(tmp) / f"cluster{index}.yaml"
             cluster_file.write_text(yaml.safe_dump(cluster.to_wire(), sort_keys=False))
             job_file = Path(tmp) / f"job{index}.yaml"
             manifest = job_manifest(f"acc{index}", pins, args.steps, args.batch, args.seq)
             job_file.write_text(yaml.safe_dump(manifest, sort_keys=False))
-            medians, fastest, loads, stages = [], [], [], {}
+            medians, fastest, loads, stages, free = [], [], [], {}, []
             for run in range(args.runs):
                 loads.append(load_average())
-                seconds, stages = run_once(job_file, cluster_file, Path(tmp) / f"run{index}-{run}")
+                free.append(free_cores(profile.cores))
+                try:
+                    seconds, stages = run_once(
+                        job_file, cluster_file, Path(tmp) / f"run{index}-{run}", kept
+                    )
+                except RunFailed as error:
+                    failures[f"{name} run {run}"] = str(error).splitlines()[0]
+                    print(f"{name} run {run}: {error}", flush=True)
+                    break  # deterministic so far (e.g. a plan the trainer rejects)
                 medians.append(statistics.median(seconds))
                 fastest.append(min(seconds))
+            if not medians:
+                continue
             measured = statistics.median(medians)
             best = min(fastest)
             predicted = plan.prediction.step_time.total
+            cores_free = statistics.median(free)
+            shared = cluster_for(profile, devices, cores_free)
+            adjusted = evaluate(problem_for(profile, training, shared), layout).step.total
             layouts[name] = {
                 "devices": devices,
                 "degrees": plan.parallel.to_wire(),
                 "stage_layers": [[s.layer_start, s.layer_end] for s in plan.stages],
                 "microbatch_size": plan.replicas[0].microbatch_size,
                 "predicted_step_s": predicted,
+                "predicted_breakdown_s": plan.prediction.step_time.to_wire(),
                 "measured_step_s_per_run": medians,
                 "measured_step_s": measured,
                 "ratio_measured_over_predicted": measured / predicted,
@@ -195,33 +297,49 @@ def main() -> int:
                 "predicted_stage_s": predicted_stages(plan),
                 "measured_stage_s_last_run": stages,
                 "load_average_per_run": loads,
+                "free_cores_per_run": free,
+                "predicted_at_free_cores_s": adjusted,
+                "ratio_measured_over_predicted_at_free_cores": measured / adjusted,
             }
             rows.append(
                 [
                     name,
                     str(devices),
                     ",".join(f"{s.layer_start}-{s.layer_end}" for s in plan.stages),
+                    str(plan.replicas[0].microbatch_size),
                     f"{predicted:.3f}",
                     f"{measured:.3f}",
                     f"{measured / predicted:.2f}",
                     f"{best:.3f}",
                     f"{best / predicted:.2f}",
+                    f"{cores_free:.2f}",
+                    f"{adjusted:.3f}",
+                    f"{measured / adjusted:.2f}",
                     "/".join(f"{load[0]:.1f}" for load in loads),
                 ]
             )
             print(f"{name}: predicted {predicted:.3f} s, measured {measured:.3f} s", flush=True)
+    if failures:
+        print(f"\n# {len(failures)} failed run(s); worker logs kept in {kept}")
+    else:
+        kept.rmdir()
+    report["failures"] = failures
     headers = [
         "layout",
         "procs",
         "stages",
+        "mb size",
         "predicted s",
         "measured median s",
         "ratio",
         "fastest step s",
         "ratio",
+        "free cores",
+        "predicted@free s",
+        "ratio",
         "load (per run)",
     ]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
     print("\n## 6. predicted vs measured step time (tiny, CPU, median of runs)")
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)))
     for row in rows:
@@ -232,6 +350,8 @@ def main() -> int:
     fastest = [v["ratio_fastest_over_predicted"] for v in layouts.values()]
     report["fastest_within_15_percent"] = sum(abs(r - 1) <= 0.15 for r in fastest)
     report["layouts_run"] = len(ratios)
+    at_free = [v["ratio_measured_over_predicted_at_free_cores"] for v in layouts.values()]
+    report["at_free_cores_within_15_percent"] = sum(abs(r - 1) <= 0.15 for r in at_free)
     text = json.dumps(report, indent=1)
     print("\n## JSON\n" + text)
     if args.json:

@@ -45,6 +45,18 @@ def test_profile_measures_every_operation_class(
     for name in ("attention", "expertFfn", "denseFfn", "embedding", "optimizer"):
         assert data["seconds"][name] > 0
         assert data["throughput"][name] > 0
+    communication = data["communication"]
+    assert communication["backend"] == "gloo"
+    for name in ("allReduce", "allToAll", "sendRecv"):
+        assert communication[name]["latencySeconds"] > 0
+        assert communication[name]["gbps"] > 0
+
+
+def test_profile_can_skip_communication(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.yaml"
+    args = ["profile", "--repeats", "1", "--microbatch-size", "1", "--no-communication"]
+    assert main([*args, "-o", str(path)]) == 0
+    assert yaml.safe_load(path.read_text()).get("communication") is None
 
 
 def _plan(tmp_path: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> Plan:

@@ -9,6 +9,11 @@ seconds per microbatch), in CPU time. The medians become a profile file
 (printed as a snippet) or ``hetmoe plan --profile GRADE=FILE`` can apply, instead of
 peak x efficiency.
 
+It also times, in wall-clock seconds, gloo ``all_reduce``, ``all_to_all_single`` and
+one-way ``send``/``recv`` between two spawned local processes at three message sizes
+and fits ``latency + bytes / bandwidth`` to each (``CommunicationProfile``): on a CPU a
+collective costs around a millisecond, not the catalog default's tens of microseconds.
+
 torch and the trainer are imported only when the command runs: the rest of the CLI
 does not need them.
 """
@@ -21,6 +26,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +38,18 @@ from hetmoe_operator.api.model import PRESETS, ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_operator.errors import UserError, describe_validation_error
 from hetmoe_operator.placement.profile import (
+    CommunicationProfile,
     DeviceProfile,
+    LinkFit,
     OperationSeconds,
     shared_throughput,
     throughput_from_seconds,
 )
 
 _WARMUP = 3
+_COMM_PROCESSES = 2
+_COMM_SIZES = (64, 256 << 10, 4 << 20)
+"""Message bytes timed per primitive: latency-bound, mid-size and bandwidth-bound."""
 
 
 def register(subparsers: Any) -> None:
@@ -68,6 +79,11 @@ def register(subparsers: Any) -> None:
         default=1,
         help="for the printed catalog snippet: worker processes that will share this "
         "machine's cores (local mode: every device of the local cluster)",
+    )
+    parser.add_argument(
+        "--no-communication",
+        action="store_true",
+        help="skip timing gloo collectives between two local processes",
     )
     parser.set_defaults(handler=run)
 
@@ -203,10 +219,106 @@ def _measure_once(
     }
 
 
+def _time_primitives(rank: int, port: int, repeats: int, out: str) -> None:
+    """One of the two spawned processes: wall seconds per call of each primitive and
+    message size (rank 0 writes them as JSON to ``out``)."""
+    import json
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=_COMM_PROCESSES
+    )
+    try:
+        results: dict[str, list[list[float]]] = {"all_reduce": [], "all_to_all": [], "p2p": []}
+        for size in _COMM_SIZES:
+            x = torch.ones(max(1, size // 4))
+            y = torch.empty_like(x)
+            peer = 1 - rank
+
+            def ping_pong(x: torch.Tensor = x, y: torch.Tensor = y, peer: int = peer) -> None:
+                if rank == 0:
+                    dist.send(x, peer)
+                    dist.recv(y, peer)
+                else:
+                    dist.recv(y, peer)
+                    dist.send(x, peer)
+
+            calls: dict[str, Callable[[], object]] = {
+                "all_reduce": partial(dist.all_reduce, x),
+                "all_to_all": partial(dist.all_to_all_single, y, x),
+                "p2p": ping_pong,
+            }
+            for name, call in calls.items():
+                for _ in range(_WARMUP):
+                    call()
+                times = []
+                for _ in range(repeats):
+                    dist.barrier()
+                    start = time.perf_counter()
+                    call()
+                    times.append(time.perf_counter() - start)
+                seconds = statistics.median(times) / (2 if name == "p2p" else 1)
+                results[name].append([float(x.numel() * 4), seconds])
+        if rank == 0:
+            Path(out).write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def _fit_link(points: list[list[float]], moved: float) -> LinkFit:
+    """Least-squares ``latency + moved x bytes / bandwidth`` over (bytes, seconds);
+    ``moved`` is the share of the payload each rank sends in the cost model."""
+    xs = [moved * size for size, _ in points]
+    ys = [seconds for _, seconds in points]
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+    if slope <= 0:  # noise swamped the size dependence: largest message's average
+        size, seconds = max(zip(xs, ys, strict=True))
+        return LinkFit(latency_seconds=0.0, gbps=size / seconds / 1e9)
+    latency = max(0.0, mean_y - slope * mean_x)
+    return LinkFit(latency_seconds=latency, gbps=1.0 / slope / 1e9)
+
+
+def measure_communication(repeats: int) -> CommunicationProfile:
+    """Wall-clock latency and bandwidth of gloo all-reduce, all-to-all and send/recv
+    between two spawned local processes (what local-mode workers use)."""
+    import json
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="hetmoe-profile-") as tmp:
+        out = str(Path(tmp) / "communication.json")
+        mp.spawn(_time_primitives, args=(port, repeats, out), nprocs=_COMM_PROCESSES)
+        results = json.loads(Path(out).read_text())
+    n = _COMM_PROCESSES
+    return CommunicationProfile(
+        backend="gloo",
+        processes=n,
+        all_reduce=_fit_link(results["all_reduce"], 2.0 * (n - 1) / n),
+        all_to_all=_fit_link(results["all_to_all"], (n - 1) / n),
+        send_recv=_fit_link(results["p2p"], 1.0),
+    )
+
+
 def make_profile(
-    preset: str, sequence_length: int, microbatch_size: int, threads: int, repeats: int
+    preset: str,
+    sequence_length: int,
+    microbatch_size: int,
+    threads: int,
+    repeats: int,
+    communication: bool = True,
 ) -> DeviceProfile:
-    """Measure ``preset`` on this machine with ``threads`` torch threads."""
+    """Measure ``preset`` on this machine with ``threads`` torch threads (and, unless
+    ``communication`` is False, gloo collectives between two local processes)."""
     import torch
 
     for name, value in (
@@ -244,6 +356,7 @@ def make_profile(
         repeats=repeats,
         seconds=seconds,
         throughput=throughput_from_seconds(model, sequence_length, seconds, source),
+        communication=measure_communication(repeats) if communication else None,
     )
 
 
@@ -266,7 +379,12 @@ def run(args: argparse.Namespace) -> int:
     if args.processes < 1:
         raise UserError(f"--processes must be at least 1, got {args.processes}")
     profile = make_profile(
-        args.preset, args.sequence_length, args.microbatch_size, args.threads, args.repeats
+        args.preset,
+        args.sequence_length,
+        args.microbatch_size,
+        args.threads,
+        args.repeats,
+        communication=not args.no_communication,
     )
     print(f"# {profile.device}; {args.preset}, {args.microbatch_size} x {args.sequence_length}")
     print(
@@ -281,6 +399,12 @@ def run(args: argparse.Namespace) -> int:
             value = f"{seconds * 1e6:.3f}"
             fixed = f"{getattr(profile.seconds, f'{name}_fixed') * 1e3:.3f}"
         print(f"{name:<12} {value:>20} {fixed:>20} {getattr(profile.throughput, name):>18.5f}")
+    comm = profile.communication
+    if comm is not None:
+        print(f"\n{'collective (' + comm.backend + ')':<20} {'latency us':>12} {'GB/s':>10}")
+        for name in ("all_reduce", "all_to_all", "send_recv"):
+            link = getattr(comm, name)
+            print(f"{name:<20} {link.latency_seconds * 1e6:>12.1f} {link.gbps:>10.3f}")
     if args.output:
         args.output.write_text(profile_yaml(profile))
         print(f"wrote {args.output}")

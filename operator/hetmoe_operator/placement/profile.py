@@ -16,6 +16,7 @@ divides by processes per core, which is the honest figure for such a "device".
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Final, Literal
 
 from pydantic import Field
@@ -54,6 +55,35 @@ class OperationSeconds(ApiModel):
     """Same, embedding, LM head and loss."""
 
 
+class LinkFit(ApiModel):
+    """One communication primitive between local worker processes, as a line:
+    ``latency + bytes / bandwidth`` with ``bytes`` counted as the cost model does
+    (all-reduce: 2 (n-1)/n of the payload per rank; all-to-all: (n-1)/n; p2p: all)."""
+
+    latency_seconds: float = Field(ge=0)
+    """Fixed seconds per call (the intercept)."""
+    gbps: float = Field(gt=0)
+    """Effective GB/s (the inverse slope)."""
+
+
+class CommunicationProfile(ApiModel):
+    """Measured wall-clock cost of the trainer's collectives between worker processes
+    on this machine. On a CPU with gloo a collective costs around a millisecond, some
+    20x the catalog default, which dominates small models' data and expert
+    parallelism."""
+
+    backend: str
+    """torch.distributed backend measured (``gloo`` on CPU)."""
+    processes: int = Field(ge=2)
+    """Processes taking part."""
+    all_reduce: LinkFit
+    """``all_reduce`` (gradient buckets, per-step statistics)."""
+    all_to_all: LinkFit
+    """``all_to_all_single`` (MoE dispatch and combine)."""
+    send_recv: LinkFit
+    """One-way ``send``/``recv`` (stage-to-stage activations)."""
+
+
 class DeviceProfile(ApiModel):
     """One device's measured speed on one model."""
 
@@ -77,6 +107,9 @@ class DeviceProfile(ApiModel):
     """Measured times."""
     throughput: MeasuredThroughput
     """The same, as effective TFLOP/s under the cost model's FLOP counts."""
+    communication: CommunicationProfile | None = None
+    """Collective latency and bandwidth between local processes (absent in profiles
+    written before it was measured, or with ``--no-communication``)."""
 
 
 def throughput_from_seconds(
@@ -107,14 +140,18 @@ def throughput_from_seconds(
     )
 
 
-def shared_throughput(profile: DeviceProfile, processes: int) -> MeasuredThroughput:
+def shared_throughput(
+    profile: DeviceProfile, processes: int, cores: float | None = None
+) -> MeasuredThroughput:
     """What each of ``processes`` workers (as many threads each as the profile used)
     on the profiled machine gets: the profile's speed when they have a core per
-    thread, else that speed x cores / (processes x threads)."""
-    cores = profile.cores
+    thread, else that speed x cores / (processes x threads). ``cores`` overrides the
+    profile's core count, e.g. with the cores other tenants leave free on a shared
+    machine (the profile's CPU seconds assume a core of one's own)."""
+    cores = profile.cores if cores is None else cores
     share = min(1.0, cores / (processes * profile.threads))
     t = profile.throughput
-    note = f"; shared by {processes} processes on {cores} cores" if share < 1 else ""
+    note = f"; shared by {processes} processes on {cores:g} cores" if share < 1 else ""
     return MeasuredThroughput(
         attention=t.attention * share,
         expert_ffn=t.expert_ffn * share,
@@ -146,3 +183,29 @@ def cluster_with_profiles(
         with_profile(g, measured[g.name]) if g.name in measured else g for g in catalog.grades
     ]
     return cluster.model_copy(update={"catalog": catalog.model_copy(update={"grades": grades})})
+
+
+def assumptions_with_communication(
+    communication: CommunicationProfile, assumptions: Assumptions | None = None
+) -> Assumptions:
+    """``assumptions`` whose latencies are the measured ones: collectives take the
+    slower of all-reduce and all-to-all (the cost model has one collective latency),
+    point-to-point the measured one-way send/recv."""
+    a = assumptions or Assumptions()
+    collective = max(
+        communication.all_reduce.latency_seconds, communication.all_to_all.latency_seconds
+    )
+    return replace(
+        a,
+        collective_latency_s=collective,
+        p2p_latency_s=communication.send_recv.latency_seconds,
+    )
+
+
+def grade_with_communication(
+    grade: DeviceGrade, communication: CommunicationProfile
+) -> DeviceGrade:
+    """``grade`` whose intra- and inter-node bandwidth is the measured all-reduce
+    bandwidth (local processes on one machine: both are the same loopback)."""
+    gbps = communication.all_reduce.gbps
+    return grade.model_copy(update={"intra_node_gbps": gbps, "inter_node_gbps": gbps})

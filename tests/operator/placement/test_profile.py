@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hetmoe_operator.api.job import PlacementSpec
@@ -11,9 +13,13 @@ from hetmoe_operator.placement import plan_job
 from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile
 from hetmoe_operator.placement.layout import Layout, Problem, evaluate
 from hetmoe_operator.placement.profile import (
+    CommunicationProfile,
     DeviceProfile,
+    LinkFit,
     OperationSeconds,
+    assumptions_with_communication,
     cluster_with_profiles,
+    grade_with_communication,
     shared_throughput,
     throughput_from_seconds,
 )
@@ -65,6 +71,16 @@ def test_processes_sharing_cores_each_get_a_share(
     assert ("shared by" in shared.source) == (share < 1)
 
 
+def test_free_cores_override_the_profiled_core_count() -> None:
+    profile = _profile(cores=2)
+    shared = shared_throughput(profile, 2, cores=1.0)
+    assert shared.expert_ffn == pytest.approx(profile.throughput.expert_ffn / 2)
+    assert shared.expert_ffn_fixed_seconds == pytest.approx(
+        profile.throughput.expert_ffn_fixed_seconds * 2
+    )
+    assert "on 1 cores" in shared.source
+
+
 def test_profile_file_round_trips() -> None:
     profile = _profile()
     assert DeviceProfile.model_validate(profile.to_wire()) == profile
@@ -101,3 +117,45 @@ def test_fixed_seconds_per_microbatch_are_charged_and_favour_larger_microbatches
         for name, c in (("plain", plain), ("costly", costly))
     }
     assert sizes["costly"] >= sizes["plain"]
+
+
+COMMUNICATION = CommunicationProfile(
+    backend="gloo",
+    processes=2,
+    all_reduce=LinkFit(latency_seconds=1e-3, gbps=2.0),
+    all_to_all=LinkFit(latency_seconds=0.5e-3, gbps=1.0),
+    send_recv=LinkFit(latency_seconds=0.3e-3, gbps=3.0),
+)
+
+
+def test_measured_communication_replaces_latency_and_bandwidth() -> None:
+    a = assumptions_with_communication(COMMUNICATION)
+    assert a.collective_latency_s == pytest.approx(1e-3)  # the slower collective
+    assert a.p2p_latency_s == pytest.approx(0.3e-3)
+    grade = grade_with_communication(local_cluster(1).catalog.grade("cpu"), COMMUNICATION)
+    assert grade.intra_node_gbps == grade.inter_node_gbps == pytest.approx(2.0)
+
+
+def test_measured_collective_latency_is_charged_per_collective() -> None:
+    """dp2 x ep2 on one pool: per microbatch 4 all-to-alls per MoE layer (5 MoE layers)
+    and a gradient sync (reduce-scatter + all-gather) once per step."""
+    cluster = cluster_with_profiles(local_cluster(2), {"cpu": _profile().throughput})
+    batch = TrainingConfig(steps=1, global_batch_size=16, sequence_length=64)
+    layout = Layout(1, 2, (0, 6), (("local",),), 2, (4,), (False,), False)
+    loads = [1.0] * 8
+    slow = replace(Assumptions(), collective_latency_s=1e-3)
+    fast = replace(Assumptions(), collective_latency_s=0.0)
+    step = {
+        name: evaluate(Problem(TINY, batch, cluster, loads, a), layout).step
+        for name, a in (("slow", slow), ("fast", fast))
+    }
+    exchanges = 4 * 5 * 4  # microbatches x MoE layers x all-to-alls
+    sync = 2
+    assert step["slow"].total - step["fast"].total == pytest.approx(
+        (exchanges + sync) * 1e-3, rel=0.05
+    )
+
+
+def test_profile_with_communication_round_trips() -> None:
+    profile = _profile().model_copy(update={"communication": COMMUNICATION})
+    assert DeviceProfile.model_validate(profile.to_wire()) == profile
