@@ -75,6 +75,8 @@ def exhaustive_best(problem: Problem, max_groups: int = 4) -> tuple[Evaluation, 
                         if rest or rows < len(groups):
                             continue
                         for counts in _compositions(rows, len(groups)):
+                            if min(counts) < pp:  # 1F1B needs a microbatch per stage
+                                continue
                             for redundant in (True, False):
                                 layout = Layout(
                                     pp, ep, bounds, groups, micro, counts, (False,) * pp, redundant

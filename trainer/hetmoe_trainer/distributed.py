@@ -90,6 +90,13 @@ def validate_plan(plan: Plan) -> None:
     if sorted(r.dp_index for r in plan.replicas) != list(range(degrees.dp)):
         raise PlanError("replicas must be numbered 0..dp-1")
     replicas = {r.dp_index: r for r in plan.replicas}
+    for replica in plan.replicas:
+        if replica.num_microbatches < degrees.pp:
+            raise PlanError(
+                f"replica {replica.dp_index}: 1F1B needs at least one microbatch per stage "
+                f"(pp {degrees.pp}), got {replica.num_microbatches}; use smaller microbatches "
+                "or a shallower pipeline"
+            )
     if plan.virtual_stages > 1 and degrees.pp > 1:
         for replica in plan.replicas:
             if replica.num_microbatches % degrees.pp:

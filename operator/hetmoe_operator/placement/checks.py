@@ -70,6 +70,14 @@ def check_inputs(problem: Problem, placement: PlacementSpec) -> None:
             "at least one sequence",
             {"global_batch_size": batch, "data_parallel": dp},
         )
+    if dp is not None and pp is not None and pp > 1 and batch < dp * pp:
+        raise PlanningError(
+            "divisibility",
+            f"globalBatchSize={batch} cannot give each of dataParallel={dp} replicas "
+            f"pipelineParallel={pp} microbatches (1F1B needs one per stage): raise "
+            f"globalBatchSize to at least {dp * pp} or lower the pins",
+            {"global_batch_size": batch, "data_parallel": dp, "pipeline_parallel": pp},
+        )
     needed = problem.memory.model_state_bytes()
     offered = sum(info.usable_bytes * info.pool.devices for info in problem.pools.values())
     if needed > offered:

@@ -150,14 +150,18 @@ def apportion(total: int, weights: Sequence[float]) -> list[int] | None:
 def fill_pipelines(stage_seconds: Sequence[float], pp: int, total: int) -> list[int] | None:
     """Split ``total`` microbatches over pipelines whose slowest stage takes
     ``stage_seconds`` each, so that ``(count + pp - 1) x stage_seconds`` (1F1B with its
-    fill and drain) is as equal as possible; every pipeline gets at least one."""
+    fill and drain) is as equal as possible.
+
+    Every pipeline gets at least ``pp`` microbatches: 1F1B (torch's ``Schedule1F1B``)
+    refuses fewer microbatches than stages, so a plan with fewer could not run.
+    """
     parts = len(stage_seconds)
-    if total < parts:
+    if total < parts * pp:
         return None
     times = [max(t, 1e-30) for t in stage_seconds]
 
     def counts_at(limit: float) -> list[int]:
-        return [max(1, int(limit / t) - (pp - 1)) for t in times]
+        return [max(pp, int(limit / t) - (pp - 1)) for t in times]
 
     low, high = 0.0, (total + pp) * max(times)
     for _ in range(100):

@@ -57,6 +57,8 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
     pools = {p.name: p for p in cluster_description.pools}
     degrees = plan.parallel
     assert degrees.tp == 1
+    for replica in plan.replicas:  # torch's 1F1B refuses fewer microbatches than stages
+        assert replica.num_microbatches >= degrees.pp, replica
     by_node: dict[tuple[str, int], list[int]] = defaultdict(list)
     for rank in plan.ranks:
         pool = pools[rank.pool]

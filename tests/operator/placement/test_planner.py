@@ -57,6 +57,20 @@ def test_batch_smaller_than_pinned_replicas() -> None:
     assert caught.value.constraint == "divisibility"
 
 
+def test_every_replica_gets_a_microbatch_per_stage() -> None:
+    """torch's 1F1B refuses fewer microbatches than stages: 4 sequences over 2 replicas
+    must be 2 microbatches of 1 each, not 1 of 2; 2 sequences cannot work at all."""
+    description = local_cluster(4)
+    pins = PlacementSpec(pipeline_parallel=2, data_parallel=2)
+    plan = plan_job(TINY, training(batch=4), description, pins)
+    check_plan(plan, description)
+    assert [(r.microbatch_size, r.num_microbatches) for r in plan.replicas] == [(1, 2), (1, 2)]
+    with pytest.raises(PlanningError) as caught:
+        plan_job(TINY, training(batch=2), description, pins)
+    assert caught.value.constraint == "divisibility"
+    assert "at least 4" in caught.value.message
+
+
 def test_model_too_big_names_memory_and_sizes() -> None:
     description = cluster([grade("small", 100, 16, 1)], [("p", "small", 2, 8)])
     with pytest.raises(PlanningError) as caught:
