@@ -261,7 +261,11 @@ def _stage_vector(
         fixed += info.profile.head_fixed_seconds
     expert_excess = passes * expert * (imbalance - 1.0)
     moe_layers = problem.memory.moe_layers[end] - problem.memory.moe_layers[start]
+    # Per MoE layer and microbatch: dispatch and combine forward and backward carry the
+    # tokens (again forward when recomputing); a count exchange before each forward
+    # dispatch costs a collective's latency but no bandwidth worth charging.
     exchanges = moe_layers * (6 if recompute else 4)
+    count_exchanges = moe_layers * (2 if recompute else 1)
     communication = 0.0
     latency = 0.0
     if layout.ep > 1 and exchanges:
@@ -270,7 +274,7 @@ def _stage_vector(
         gbps = info.grade.intra_node_gbps if intra else info.grade.inter_node_gbps
         payload = model.num_experts_per_tok * model.hidden_size * a.activation_bytes
         communication += exchanges * payload * (layout.ep - 1) / layout.ep / (gbps * 1e9)
-        latency += exchanges * a.collective_latency_s
+        latency += (exchanges + count_exchanges) * a.collective_latency_s
         if a.overlap_communication:
             # Each pass's exchanges hide behind that pass's shared-expert compute.
             hidden = passes * moe_layers * info.profile.shared_forward_seconds

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.api.model import PRESETS
 from hetmoe_operator.placement import plan_job
@@ -28,7 +30,7 @@ def test_overlap_hides_communication_but_never_compute() -> None:
     exposed = evaluate(_problem(False), layout).step
     hidden = evaluate(_problem(True), layout).step
     assert hidden.communication < exposed.communication
-    assert hidden.compute == exposed.compute
+    assert hidden.compute == pytest.approx(exposed.compute, rel=1e-12)
     assert hidden.total < exposed.total
     # Even overlapped, the last gradient bucket and the pipeline's fill transfers stay.
     assert hidden.communication > 0

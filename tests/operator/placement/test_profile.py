@@ -137,8 +137,9 @@ def test_measured_communication_replaces_latency_and_bandwidth() -> None:
 
 
 def test_measured_collective_latency_is_charged_per_collective() -> None:
-    """dp2 x ep2 on one pool: per microbatch 4 all-to-alls per MoE layer (5 MoE layers)
-    and a gradient sync (reduce-scatter + all-gather) once per step."""
+    """dp2 x ep2 on one pool: per microbatch 5 all-to-alls per MoE layer (5 MoE layers:
+    a count exchange, dispatch and combine forward and backward) and a gradient sync
+    (reduce-scatter + all-gather) once per step."""
     cluster = cluster_with_profiles(local_cluster(2), {"cpu": _profile().throughput})
     batch = TrainingConfig(steps=1, global_batch_size=16, sequence_length=64)
     layout = Layout(1, 2, (0, 6), (("local",),), 2, (4,), (False,), False)
@@ -149,7 +150,7 @@ def test_measured_collective_latency_is_charged_per_collective() -> None:
         name: evaluate(Problem(TINY, batch, cluster, loads, a), layout).step
         for name, a in (("slow", slow), ("fast", fast))
     }
-    exchanges = 4 * 5 * 4  # microbatches x MoE layers x all-to-alls
+    exchanges = 4 * 5 * 5  # microbatches x MoE layers x all-to-alls
     sync = 2
     assert step["slow"].total - step["fast"].total == pytest.approx(
         (exchanges + sync) * 1e-3, rel=0.05
