@@ -6,16 +6,31 @@ so the pod would hide the trainer's :class:`~hetmoe_operator.plan.WorkerExit` co
 This wrapper runs torchrun unchanged and, when workers fail, exits with the most
 telling of their codes: a hetmoe code if any worker used one, else the first failure's.
 
+It also keeps the c10d rendezvous store up until every agent has shut down. torchrun's
+host agent (``--rdzv-conf is_host=true``) serves the store from its own process and
+exits as soon as the exit barrier passes, so the other agents' rendezvous shutdown
+found no store: a ``RendezvousConnectionError`` traceback and a ~9 s stall per node.
+Here the host wrapper serves the store itself (torch's agent joins it as a client),
+every other wrapper reports ``hetmoe/agents-done`` once its agent has returned, and
+after a successful run the host waits for those reports, for at most
+:data:`AGENTS_DONE_TIMEOUT_S`.
+
 Usage is torchrun's: ``python -m hetmoe_trainer.launch [torchrun args] -m hetmoe_trainer ...``
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
+import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
 
+from torch.distributed import TCPStore
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-from torch.distributed.run import get_args_parser, run
+from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
 
 from hetmoe_operator.plan import WorkerExit
 
@@ -37,15 +52,98 @@ def telling_exit_code(codes: Iterable[int]) -> int:
     return 128 - first if first < 0 else first
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run torchrun with ``argv``; map worker failures to one telling exit code."""
-    args = get_args_parser().parse_args(argv)
+# Long enough for a loaded node's agent to shut its rendezvous down, short enough
+# that a node killed after the exit barrier never holds the host pod for long.
+AGENTS_DONE_TIMEOUT_S = 30.0
+AGENTS_DONE_KEY = "hetmoe/agents-done"
+# torch's c10d rendezvous backend uses this port when the endpoint names none.
+_C10D_DEFAULT_PORT = 29400
+
+
+@dataclass(frozen=True)
+class RendezvousStore:
+    """Where the c10d rendezvous store lives, and whether this agent hosts it."""
+
+    host: str
+    port: int
+    is_host: bool
+    nnodes: int
+
+
+def rendezvous_store(args: argparse.Namespace) -> RendezvousStore | None:
+    """The c10d store of a multi-node run whose host is named by ``is_host``, else None.
+
+    Only an explicit ``is_host`` (what the operator passes) is trusted: guessing the
+    host from hostnames, as torch does otherwise, could make two wrappers serve it.
+    """
+    if args.standalone or args.rdzv_backend != "c10d":
+        return None
+    conf = dict(item.split("=", 1) for item in args.rdzv_conf.split(",") if "=" in item)
+    conf = {key.strip(): value.strip() for key, value in conf.items()}
+    is_host = conf.get("is_host", "").lower()
+    if is_host not in ("true", "false"):
+        return None
+    nnodes = parse_min_max_nnodes(args.nnodes)[1]
+    if nnodes < 2:
+        return None
+    host, port = parse_rendezvous_endpoint(args.rdzv_endpoint, default_port=_C10D_DEFAULT_PORT)
+    return RendezvousStore(host=host, port=port, is_host=is_host == "true", nnodes=nnodes)
+
+
+def _as_store_client(rdzv_conf: str) -> str:
+    """``rdzv_conf`` with ``is_host=false``: torch's agent joins the store we serve."""
+    items = [i for i in rdzv_conf.split(",") if i and i.split("=", 1)[0].strip() != "is_host"]
+    return ",".join([*items, "is_host=false"])
+
+
+def _wait_for_agents(store: TCPStore, expected: int, timeout_s: float) -> None:
+    """Block until ``expected`` other agents reported done, or ``timeout_s`` passed."""
+    deadline = time.monotonic() + timeout_s
+    while store.add(AGENTS_DONE_KEY, 0) < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def _report_done(where: RendezvousStore) -> None:
+    """Tell the host wrapper this agent no longer needs the store; best effort."""
+    try:
+        client = TCPStore(where.host, where.port, is_master=False, timeout=timedelta(seconds=2))
+        client.add(AGENTS_DONE_KEY, 1)
+    except (RuntimeError, ValueError, TimeoutError):
+        pass  # the host is gone already: nothing is waiting for this report
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         run(args)
     except ChildFailedError as error:
         failures = sorted(error.failures.values(), key=lambda f: f.timestamp)
         return telling_exit_code(f.exitcode for f in failures)
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run torchrun with ``argv``; map worker failures to one telling exit code."""
+    args = get_args_parser().parse_args(argv)
+    where = rendezvous_store(args)
+    if where is None:
+        return _run(args)
+    if not where.is_host:
+        try:
+            return _run(args)
+        finally:
+            _report_done(where)
+    # Served from this process, so it lives until the other agents are done with it.
+    store = TCPStore(
+        where.host, where.port, is_master=True, multi_tenant=True, wait_for_workers=False
+    )
+    args.rdzv_conf = _as_store_client(args.rdzv_conf)
+    code = _run(args)
+    # Success means every agent passed torch's exit barrier, so their reports are
+    # seconds away. After a failure the others may still be training: report the
+    # code now rather than up to the timeout late; the operator tears them down.
+    if code == 0:
+        _wait_for_agents(store, where.nnodes - 1, AGENTS_DONE_TIMEOUT_S)
+    return code
 
 
 if __name__ == "__main__":

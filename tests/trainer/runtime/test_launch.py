@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
+from torch.distributed.run import get_args_parser
 
 from hetmoe_operator.plan import WorkerExit
-from hetmoe_trainer.launch import telling_exit_code
+from hetmoe_trainer.launch import RendezvousStore, rendezvous_store, telling_exit_code
 
 
 @pytest.mark.parametrize(
@@ -52,3 +55,99 @@ def test_a_real_torchrun_agent_exits_with_the_workers_replace_node_code(tmp_path
         timeout=180,
     )
     assert result.returncode == WorkerExit.REPLACE_NODE, result.stderr[-2000:]
+
+
+# The wrapper with the agent's rendezvous shutdown delayed by argv[1] seconds, as a
+# loaded node's would be: the window in which a host agent that exits at once takes
+# the store with it.
+_DELAYED_SHUTDOWN_WRAPPER = textwrap.dedent(
+    """
+    import sys, time
+    from torch.distributed.elastic.rendezvous import dynamic_rendezvous as dr
+    from hetmoe_trainer.launch import main
+
+    delay = float(sys.argv[1])
+    original = dr.DynamicRendezvousHandler.shutdown
+
+    def delayed_shutdown(self):
+        time.sleep(delay)
+        return original(self)
+
+    dr.DynamicRendezvousHandler.shutdown = delayed_shutdown
+    sys.exit(main(sys.argv[2:]))
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_the_rendezvous_host_outlives_the_other_agents_shutdown(tmp_path: Path) -> None:
+    wrapper = tmp_path / "wrapper.py"
+    wrapper.write_text(_DELAYED_SHUTDOWN_WRAPPER)
+    worker = tmp_path / "worker.py"
+    worker.write_text("print('done')\n")
+    port = _free_port()
+    logs = [tmp_path / f"node{index}.log" for index in range(2)]
+    codes, ended = [], []
+    with logs[0].open("w") as log0, logs[1].open("w") as log1:
+        agents = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    str(wrapper),
+                    "0" if index == 0 else "2",  # only the non-host agent is slow
+                    "--nnodes=2",
+                    "--nproc-per-node=1",
+                    "--rdzv-backend=c10d",
+                    f"--rdzv-endpoint=127.0.0.1:{port}",
+                    "--rdzv-id=outlive",
+                    f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
+                    "--max-restarts=0",
+                    str(worker),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+            for index, log in enumerate((log0, log1))
+        ]
+        for agent in agents:
+            codes.append(agent.wait(timeout=180))
+            ended.append(time.monotonic())
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], texts
+    # Before the fix the late agent retried the vanished store for ~9 s more.
+    assert ended[1] - ended[0] < 5, texts
+    for text in texts:
+        assert "RendezvousConnectionError" not in text, text
+        assert "Traceback" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--standalone", "--nproc-per-node=2"], None),
+        (["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=h:1"], None),  # no is_host
+        (["--nnodes=1", "--rdzv-backend=c10d", "--rdzv-conf=is_host=true"], None),
+        (
+            [
+                "--nnodes=1:3",
+                "--rdzv-backend=c10d",
+                "--rdzv-endpoint=h:7",
+                "--rdzv-conf=is_host=true",
+            ],
+            RendezvousStore(host="h", port=7, is_host=True, nnodes=3),
+        ),
+        (
+            ["--nnodes=2", "--rdzv-backend=c10d", "--rdzv-endpoint=h", "--rdzv-conf=is_host=false"],
+            RendezvousStore(host="h", port=29400, is_host=False, nnodes=2),
+        ),
+    ],
+)
+def test_only_an_explicit_multi_node_c10d_host_keeps_the_store(
+    argv: list[str], expected: RendezvousStore | None
+) -> None:
+    assert rendezvous_store(get_args_parser().parse_args([*argv, "train.py"])) == expected
