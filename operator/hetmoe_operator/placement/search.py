@@ -268,13 +268,16 @@ class Searcher:
             if self.placement.data_parallel % ep:
                 return None
             wanted = self.placement.data_parallel // ep
+        # Each group needs pp microbatches of at least one sequence per EP member, so
+        # the batch feeds at most this many groups; devices beyond it stay unused.
+        most = wanted if wanted is not None else self.feedable_groups(pp, ep)
         budget = self.placement.budget_per_hour
         groups: list[tuple[str, ...]] = []
         spent = 0.0
         for _, pool, count in capacity:
             price = self.problem.pools[pool].grade.price_per_hour * pp * ep
             for _ in range(count):
-                if wanted is not None and len(groups) >= wanted:
+                if len(groups) >= most:
                     break
                 if (
                     self.placement.objective == "throughput-under-budget"
@@ -291,6 +294,11 @@ class Searcher:
         # Seat groups pool by pool in cluster order, so ranks of a pool are contiguous.
         order = {name: i for i, name in enumerate(self.problem.pools)}
         return tuple(sorted(groups, key=lambda t: order[t[0]]))
+
+    def feedable_groups(self, pp: int, ep: int) -> int:
+        """How many EP groups the global batch can feed: 1F1B needs ``pp`` microbatches
+        per replica, each at least one sequence."""
+        return self.problem.training.global_batch_size // (pp * ep)
 
     def mixed_groups(
         self, order: tuple[str, str], first_stages: int, pp: int, ep: int
@@ -311,10 +319,13 @@ class Searcher:
             if self.placement.data_parallel % ep or count < self.placement.data_parallel // ep:
                 return None
             count = self.placement.data_parallel // ep
+        count = min(count, self.feedable_groups(pp, ep))
+        if count < 1:
+            return None
         budget = self.placement.budget_per_hour
         if self.placement.objective == "throughput-under-budget" and budget is not None:
             price = sum(self.problem.pools[p].grade.price_per_hour for p in template) * ep
-            affordable = int(budget * (1 + 1e-9) // price)
+            affordable = int(budget * (1 + 1e-9) // price) if price > 0 else count
             if affordable < 1:
                 self.cheapest_blocked = min(self.cheapest_blocked, price)
             count = min(count, affordable)

@@ -7,7 +7,7 @@ from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.placement import plan_job
 from hetmoe_operator.plan import Plan
 
-from .helpers import check_plan, cluster, grade, training
+from .helpers import check_plan, cluster, grade, small_model, training
 
 MODEL = ModelArchitecture(
     num_hidden_layers=8,
@@ -93,3 +93,16 @@ def test_replan_from_a_mixed_pipeline_is_as_good_as_from_scratch() -> None:
     fresh = plan_job(MODEL, training(32, 512), after, PlacementSpec())
     assert again.prediction is not None and fresh.prediction is not None
     assert again.prediction.tokens_per_s >= 0.9 * fresh.prediction.tokens_per_s
+
+
+def test_free_grades_under_a_budget_and_a_one_sequence_batch_plan_cleanly() -> None:
+    """Found by hypothesis: a zero-price mixed pipeline under a budget divided by its
+    price, and a batch too small for any mixed pipeline was reported as over budget."""
+    description = cluster(
+        [grade("g0", 0.5, 4.0, 0.0), grade("g1", 0.5, 4.0, 0.0)],
+        [("p0", "g0", 1, 1), ("p1", "g1", 1, 1)],
+    )
+    spec = PlacementSpec(objective="throughput-under-budget", budget_per_hour=1.0)
+    plan = plan_job(small_model(layers=2, experts=2, dense=0), training(batch=1), description, spec)
+    check_plan(plan, description)
+    assert plan.parallel.dp == 1
