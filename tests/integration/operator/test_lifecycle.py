@@ -68,6 +68,8 @@ def test_scale_up_grows_a_running_job_onto_added_nodes(
         manifest = job_manifest(
             "grow",
             pools=[{"name": pool.name}],
+            # 24 sequences feed one replica per device of 3 nodes (8 would fill one node).
+            training={"steps": 40, "globalBatchSize": 24, "sequenceLength": 64},
             elastic={
                 "maxRestarts": 3,
                 "backoffSeconds": 1,
