@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from hetmoe_operator.cli.main import main
+from hetmoe_operator.cli.profile_command import _fit_link
 from hetmoe_operator.plan import Plan
 
 JOB = """
@@ -50,6 +51,23 @@ def test_profile_measures_every_operation_class(
     for name in ("allReduce", "allToAll", "sendRecv"):
         assert communication[name]["latencySeconds"] > 0
         assert communication[name]["gbps"] > 0
+
+
+def test_link_fit_recovers_latency_and_bandwidth() -> None:
+    latency, seconds_per_byte = 50e-6, 1e-9
+    points = [[size, latency + size * seconds_per_byte] for size in (64, 256 << 10, 4 << 20)]
+    link = _fit_link(points, 1.0)
+    assert link.latency_seconds == pytest.approx(latency, rel=1e-3)
+    assert link.gbps == pytest.approx(1.0, rel=1e-6)
+
+
+def test_link_fit_keeps_latency_positive_when_large_messages_are_noisy() -> None:
+    # A least-squares line through these points crosses zero below 0 s: the old fit
+    # reported free collectives (a flaky CI failure on 2026-11-24).
+    points = [[64, 20e-6], [256 << 10, 60e-6], [4 << 20, 1.9e-3]]
+    link = _fit_link(points, 1.0)
+    assert link.latency_seconds >= 10e-6
+    assert link.gbps > 0
 
 
 def test_profile_can_skip_communication(tmp_path: Path) -> None:

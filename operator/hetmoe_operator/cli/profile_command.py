@@ -269,17 +269,22 @@ def _time_primitives(rank: int, port: int, repeats: int, out: str) -> None:
 
 
 def _fit_link(points: list[list[float]], moved: float) -> LinkFit:
-    """Least-squares ``latency + moved x bytes / bandwidth`` over (bytes, seconds);
-    ``moved`` is the share of the payload each rank sends in the cost model."""
-    xs = [moved * size for size, _ in points]
-    ys = [seconds for _, seconds in points]
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    var = sum((x - mean_x) ** 2 for x in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var
+    """``latency + moved x bytes / bandwidth`` from (bytes, seconds) points, smallest
+    message first. Bandwidth is the slope between the two largest messages; latency is
+    the smallest message's time less its (tiny) transfer. A least-squares intercept is
+    dominated by the noise of the large messages and often lands at or below zero, which
+    would tell the planner that collectives are free. ``moved`` is the share of the
+    payload each rank sends in the cost model."""
+    ordered = sorted((moved * size, seconds) for size, seconds in points)
+    (small_bytes, small_seconds), (mid_bytes, mid_seconds), (large_bytes, large_seconds) = (
+        ordered[0],
+        ordered[-2],
+        ordered[-1],
+    )
+    slope = (large_seconds - mid_seconds) / (large_bytes - mid_bytes)
     if slope <= 0:  # noise swamped the size dependence: largest message's average
-        size, seconds = max(zip(xs, ys, strict=True))
-        return LinkFit(latency_seconds=0.0, gbps=size / seconds / 1e9)
-    latency = max(0.0, mean_y - slope * mean_x)
+        slope = large_seconds / large_bytes
+    latency = max(small_seconds - small_bytes * slope, small_seconds / 2)
     return LinkFit(latency_seconds=latency, gbps=1.0 / slope / 1e9)
 
 
