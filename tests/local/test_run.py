@@ -70,6 +70,65 @@ def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     assert faulty["loss"] == clean["loss"]
 
 
+def _trainer_workers(root: int) -> list[int]:
+    """Trainer processes under ``root``: the children of a torchrun agent
+    (``hetmoe_trainer.launch``)."""
+
+    def cmdline(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            return ""
+
+    def parent(pid: int) -> int:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return 0
+        return int(stat[stat.rindex(")") + 2 :].split()[1])
+
+    return [
+        pid
+        for pid in descendants(root)
+        if "hetmoe_trainer.launch" not in cmdline(pid)
+        and "hetmoe_trainer.launch" in cmdline(parent(pid))
+    ]
+
+
+def test_killing_a_worker_by_hand_restarts_and_ends_at_the_fault_free_loss(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5)
+    run_dir = tmp_path / "run"
+    checkpoints = run_dir / "checkpoints"
+    with (tmp_path / "run.log").open("wb") as log:
+        process = subprocess.Popen(
+            hetmoe_argv(job, run_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_step(process, checkpoints, 7, set())
+            workers = _trainer_workers(process.pid)
+            assert len(workers) == 4, f"expected 4 trainer processes, found {workers}"
+            os.kill(workers[-1], signal.SIGKILL)
+            assert process.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.log").read_text()
+        finally:
+            kill_group(process.pid)
+    output = (tmp_path / "run.log").read_text()
+    final = [line for line in output.splitlines() if line.startswith("job=")][-1]
+    assert "phase=Succeeded" in final and "restarts=1" in final, final
+    steps = [int(line.split('"step": ')[1].split(",")[0]) for line in _lines(checkpoints)]
+    restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
+    assert steps[restart] > 1, "the restarted generation did not resume from a checkpoint"
+    killed = read_train_log(checkpoints)[-1]
+    clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
+    assert killed["step"] == clean["step"] == 16
+    assert killed["loss"] == clean["loss"]
+
+
 def _wait_for_step(
     process: subprocess.Popen[bytes], checkpoints: Path, step: int, seen: set[int]
 ) -> None:
