@@ -163,6 +163,7 @@ class World:
         self.pods: dict[str, dict[str, Any]] = {}
         self.config_map: dict[str, Any] | None = None
         self.services = 0
+        self.pod_groups: set[str] = set()
         self.status = MoEJobStatus()
         self.now = NOW
         self.job = JobRef(name="job", namespace="ns", uid="uid-1")
@@ -225,6 +226,8 @@ class World:
                 self.config_map = manifest
             elif kind == "Service":
                 self.services = 1
+            elif kind == "PodGroup":
+                self.pod_groups.add(name)
             elif name not in self.pods:
                 self.pods[name] = {**manifest, "status": {"phase": "Pending"}}
                 self.pod_creates += 1
@@ -233,6 +236,9 @@ class World:
         self.status = decision.status
         self.events.extend(decision.events)
         for delete in decision.deletes:
+            if delete.kind == "PodGroup":
+                self.pod_groups.discard(delete.name)
+                continue
             pod = self.pods.get(delete.name)
             if pod is None:
                 continue

@@ -419,3 +419,13 @@ def test_coscheduling_creates_an_owned_pod_group_per_generation_before_the_pods(
     assert not any(
         m["kind"] == "PodGroup" for m in World(spec(), small_nodes()).reconcile().creates
     )
+
+
+def test_a_restart_replaces_the_last_generations_pod_group() -> None:
+    world = World(spec(scheduling={"gang": "coscheduling"}), small_nodes())
+    world.settle(4)
+    assert world.status.phase == "Running" and world.pod_groups == {"job-g1"}
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    world.settle(6)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert world.pod_groups == {"job-g2"}

@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, TypeVar
 
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi, V1DeleteOptions
@@ -24,7 +25,7 @@ from hetmoe_operator.desired.children import POD_GROUP_API
 from hetmoe_operator.desired.names import ROLE_LABEL, plan_config_map_name
 from hetmoe_operator.kube.metrics import OperatorMetrics
 from hetmoe_operator.reconcile.conditions import rfc3339
-from hetmoe_operator.reconcile.decide import Decision
+from hetmoe_operator.reconcile.decide import Decision, Delete
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -176,11 +177,7 @@ class Applier:
             patched = self._patch_status(namespace, name, meta["resourceVersion"], patch)
             calls += 1
         deletes = list(decision.deletes[: max(0, self.max_calls - calls)])
-        list(
-            self.executor.map(
-                lambda d: self._delete_pod(namespace, d.name, d.grace_seconds), deletes
-            )
-        )
+        list(self.executor.map(lambda d: self._delete(namespace, d), deletes))
         calls += len(deletes)
         if len(deletes) < len(decision.deletes):
             return ApplyResult(calls, False, patched)
@@ -246,17 +243,32 @@ class Applier:
             raise
         return dict(json.loads(response.data))
 
-    def _delete_pod(self, namespace: str, name: str, grace: int | None) -> None:
-        options = V1DeleteOptions(grace_period_seconds=grace) if grace is not None else None
-        try:
-            self.api.call(
-                "delete",
-                "pods",
-                lambda: self.api.core.delete_namespaced_pod(
-                    name, namespace, body=options, _preload_content=False
-                ),
-                expected=(404,),
+    def _delete(self, namespace: str, delete: Delete) -> None:
+        """Delete a pod or a PodGroup; one already gone is what we wanted."""
+        call: Callable[[], Any]
+        if delete.kind == "PodGroup":
+            group, version = POD_GROUP_API.split("/")
+            call = partial(
+                self.api.custom.delete_namespaced_custom_object,
+                group,
+                version,
+                namespace,
+                "podgroups",
+                delete.name,
+                _preload_content=False,
             )
+        else:
+            grace = delete.grace_seconds
+            options = V1DeleteOptions(grace_period_seconds=grace) if grace is not None else None
+            call = partial(
+                self.api.core.delete_namespaced_pod,
+                delete.name,
+                namespace,
+                body=options,
+                _preload_content=False,
+            )
+        try:
+            self.api.call("delete", delete.kind.lower() + "s", call, expected=(404,))
         except ApiException as error:
             if error.status != 404:
                 raise

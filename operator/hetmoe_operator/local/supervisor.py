@@ -263,6 +263,7 @@ class Supervisor:
                 else delete.grace_seconds
             )
             for delete in decision.deletes
+            if delete.kind == "Pod"  # no scheduler, so no gangs, runs locally
         }
         self.executor.delete(grace)
         for name in grace:

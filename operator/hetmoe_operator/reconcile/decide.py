@@ -23,7 +23,7 @@ from hetmoe_operator.api.job import MoEJobSpec
 from hetmoe_operator.api.operator_config import OperatorConfig
 from hetmoe_operator.api.status import TERMINAL_PHASES, FailureStatus, MoEJobStatus, Phase
 from hetmoe_operator.desired.children import plan_config_map, pod_group, rendezvous_service
-from hetmoe_operator.desired.names import plan_config_map_name
+from hetmoe_operator.desired.names import plan_config_map_name, pod_group_name
 from hetmoe_operator.desired.worker import PodContext, worker_pods
 from hetmoe_operator.discovery import worker_tolerations
 from hetmoe_operator.plan import Plan
@@ -48,10 +48,11 @@ REOPENABLE_REASONS = frozenset({"PlanInfeasible", "InvalidSpec"})
 
 @dataclass(frozen=True)
 class Delete:
-    """Delete one pod; ``grace_seconds=0`` force-deletes it."""
+    """Delete one pod (``grace_seconds=0`` force-deletes it) or one PodGroup."""
 
     name: str
     grace_seconds: int | None = None
+    kind: Literal["Pod", "PodGroup"] = "Pod"
 
 
 @dataclass(frozen=True)
@@ -470,6 +471,9 @@ def _launch(
     pods = worker_pods(plan, _pod_context(run, spec, plan, generation))
     if spec.scheduling.gang == "coscheduling":
         run.creates.append(pod_group(obs.job, generation, len(pods)))
+        if generation > 1:  # the last generation's gang: its pods are bound or stopping
+            previous = pod_group_name(obs.job.name, generation - 1)
+            run.deletes.append(Delete(previous, kind="PodGroup"))
     run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
     run.stop([p for p in obs.pods if p.generation < generation])
     name = plan_config_map_name(obs.job.name)

@@ -22,6 +22,7 @@ from tests.integration.operator.conftest import (
     create_job,
     delete_job,
     eventually,
+    fail_pod,
     get_job,
     job_manifest,
     job_pods,
@@ -227,6 +228,27 @@ def test_coscheduling_creates_an_owned_pod_group_or_says_the_crd_is_missing(
         assert (owner["kind"], owner["uid"]) == ("MoEJob", job["metadata"]["uid"])
         labels = {p["metadata"]["labels"]["scheduling.x-k8s.io/pod-group"] for p in pods}
         assert labels == {groups[0]["metadata"]["name"]}
+
+        # A restart brings the next generation's gang and removes the last one.
+        fail_pod(control_plane, namespace, pods[0]["metadata"]["name"])
+
+        def next_generation_running() -> dict[str, Any] | None:
+            now = get_job(kube_api, namespace, "gang").get("status") or {}
+            later = now.get("generation", 0) > status["generation"]
+            return now if later and now.get("phase") == "Running" else None
+
+        restarted = eventually(next_generation_running, 180, "the next generation Running")
+
+        def only_current_group() -> list[str] | None:
+            names = [
+                g["metadata"]["name"]
+                for g in CustomObjectsApi(kube_api).list_namespaced_custom_object(
+                    "scheduling.x-k8s.io", "v1alpha1", namespace, "podgroups"
+                )["items"]
+            ]
+            return names if names == [f"gang-g{restarted['generation']}"] else None
+
+        eventually(only_current_group, 60, "only the current generation's PodGroup")
         delete_job(kube_api, namespace, "gang")
     finally:
         extensions.delete_custom_resource_definition("podgroups.scheduling.x-k8s.io")
