@@ -5,10 +5,16 @@ not its search code: every grade subset, every pipeline degree, every expert-par
 degree dividing the expert count, every contiguous layer split with non-empty
 stages, every microbatch size dividing the batch, every distribution of microbatches
 over EP groups, with and without redundant expert replicas. Pipelines are either
-homogeneous (every pool of the grade subset contributes as many groups as fit) or
-mixed: any assignment of pools to stages that uses more than one pool, with every
-group following that one assignment and as many groups as the pools hold. Only
-feasible for tiny instances, which is what it is for.
+homogeneous (every pool of the grade subset contributes as many groups as fit, or,
+when the batch cannot give each of them pp microbatches, every choice of as many as it
+can) or mixed: any assignment of pools to stages that uses more than one pool, with
+every group following that one assignment and as many groups as the pools hold and the
+batch feeds; optionally (``every_group_count``) any smaller number of groups too. With
+pp > 1, every count of chunks per position v (interleaved 1F1B) from 1 up to the
+smallest stage's layer count, when every group's microbatch count is a multiple of pp
+and every group's stages are seated in plan-rank (pool cluster) order, which the
+trainer's interleaved schedule needs. Only feasible for tiny instances, which is what
+it is for.
 """
 
 from __future__ import annotations
@@ -28,58 +34,120 @@ def _splits(layers: int, stages: int) -> Iterator[tuple[int, ...]]:
         yield (0, *cuts, layers)
 
 
-def _compositions(total: int, parts: int) -> Iterator[tuple[int, ...]]:
-    for cuts in itertools.combinations(range(1, total), parts - 1):
-        bounds = (0, *cuts, total)
-        yield tuple(b - a for a, b in itertools.pairwise(bounds))
+def _distributions(
+    total: int, groups: tuple[tuple[str, ...], ...], minimum: int
+) -> Iterator[tuple[int, ...]]:
+    """Every split of ``total`` microbatches over ``groups``, at least ``minimum`` each;
+    groups with the same pools are interchangeable, so their counts only decrease."""
+
+    def rest(i: int, remaining: int, cap: int | None) -> Iterator[tuple[int, ...]]:
+        if i == len(groups) - 1:
+            if remaining >= minimum and (cap is None or remaining <= cap):
+                yield (remaining,)
+            return
+        most = remaining - minimum * (len(groups) - 1 - i)
+        if cap is not None:
+            most = min(most, cap)
+        for count in range(minimum, most + 1):
+            following = count if groups[i + 1] == groups[i] else None
+            for tail in rest(i + 1, remaining - count, following):
+                yield (count, *tail)
+
+    yield from rest(0, total, None)
 
 
-def _homogeneous(problem: Problem, pp: int, ep: int) -> Iterator[tuple[tuple[str, ...], ...]]:
-    """For every grade subset: as many single-pool groups as its pools hold."""
+def _homogeneous(
+    problem: Problem, pp: int, ep: int, max_groups: int, every_count: bool
+) -> Iterator[tuple[tuple[str, ...], ...]]:
+    """For every grade subset: single-pool groups from each of its pools (each grade
+    of the subset used), up to ``max_groups`` in all: any number of them if
+    ``every_count``, else as many as fit, or when the batch cannot give each of them pp
+    microbatches, every choice of as many as it can (the planner's rule)."""
     grades = sorted({info.grade.name for info in problem.pools.values()})
+    feedable = problem.training.global_batch_size // (pp * ep)
     for size in range(1, len(grades) + 1):
         for subset in itertools.combinations(grades, size):
             pools = [name for name, info in problem.pools.items() if info.grade.name in subset]
-            yield tuple(
-                (name,) * pp
-                for name in pools
-                for _ in range(problem.pools[name].pool.devices // (pp * ep))
-            )
+            fits = [problem.pools[name].pool.devices // (pp * ep) for name in pools]
+            wanted = min(sum(fits), feedable)
+            for counts in itertools.product(*(range(n + 1) for n in fits)):
+                total = sum(counts)
+                if not 0 < total <= max_groups or (not every_count and total != wanted):
+                    continue
+                used = {
+                    problem.pools[n].grade.name for n, c in zip(pools, counts, strict=True) if c
+                }
+                if used != set(subset):
+                    continue
+                yield tuple(
+                    (name,) * pp
+                    for name, count in zip(pools, counts, strict=True)
+                    for _ in range(count)
+                )
 
 
-def _mixed(problem: Problem, pp: int, ep: int) -> Iterator[tuple[tuple[str, ...], ...]]:
-    """For every assignment of pools to stages using two or more pools: as many
-    groups following it as the pools hold."""
+def _mixed(
+    problem: Problem, pp: int, ep: int, max_groups: int, every_count: bool
+) -> Iterator[tuple[tuple[str, ...], ...]]:
+    """For every assignment of pools to stages using two or more pools: groups
+    following it, any number the pools hold if ``every_count``, else as many as they
+    hold and the batch can feed."""
+    feedable = problem.training.global_batch_size // (pp * ep)
     for template in itertools.product(list(problem.pools), repeat=pp):
         if len(set(template)) < 2:
             continue
         count = min(
             problem.pools[pool].pool.devices // (template.count(pool) * ep) for pool in template
         )
-        yield (template,) * count
+        counts = range(1, count + 1) if every_count else [min(count, feedable)]
+        for groups in counts:
+            if 0 < groups <= max_groups:
+                yield (template,) * groups
 
 
-def exhaustive_best(problem: Problem, max_groups: int = 4) -> tuple[Evaluation, Layout] | None:
-    """The layout with the smallest predicted step time (None if nothing fits)."""
+def exhaustive_best(
+    problem: Problem, max_groups: int = 4, *, every_group_count: bool = False
+) -> tuple[Evaluation, Layout] | None:
+    """The layout with the smallest predicted step time (None if nothing fits).
+
+    By default every pool of a grade subset contributes as many EP groups as fit,
+    unless the batch cannot feed them all (pp microbatches each), as in the planner;
+    ``every_group_count`` also tries fewer groups (fewer devices)."""
     model = problem.model
     batch = problem.training.global_batch_size
     best: tuple[Evaluation, Layout] | None = None
     for pp in range(1, model.num_hidden_layers + 1):
         for ep in _divisors(model.num_experts):
-            for groups in itertools.chain(_homogeneous(problem, pp, ep), _mixed(problem, pp, ep)):
-                if not groups or len(groups) > max_groups:
-                    continue
+            for groups in itertools.chain(
+                _homogeneous(problem, pp, ep, max_groups, every_group_count),
+                _mixed(problem, pp, ep, max_groups, every_group_count),
+            ):
+                order = {name: i for i, name in enumerate(problem.pools)}
+                ordered = all(
+                    order[a] <= order[b] for t in groups for a, b in itertools.pairwise(t)
+                )
                 for bounds in _splits(model.num_hidden_layers, pp):
+                    smallest = min(b - a for a, b in itertools.pairwise(bounds))
+                    virtuals = range(1, smallest + 1) if pp > 1 and ordered else (1,)
                     for micro in _divisors(batch):
                         rows, rest = divmod(batch // micro, ep)
                         if rest or rows < len(groups):
                             continue
-                        for counts in _compositions(rows, len(groups)):
-                            if min(counts) < pp:  # 1F1B needs a microbatch per stage
-                                continue
-                            for redundant in (True, False):
+                        # 1F1B needs a microbatch per stage
+                        for counts in _distributions(rows, groups, pp):
+                            for redundant, virtual in itertools.product((True, False), virtuals):
+                                if virtual > 1 and any(c % pp for c in counts):
+                                    continue
                                 layout = Layout(
-                                    pp, ep, bounds, groups, micro, counts, (False,) * pp, redundant
+                                    pp,
+                                    ep,
+                                    bounds,
+                                    groups,
+                                    micro,
+                                    counts,
+                                    (False,) * pp,
+                                    redundant,
+                                    virtual,
                                 )
                                 evaluation = evaluate(problem, layout)
                                 if evaluation.fits and (

@@ -202,7 +202,15 @@ def build_context(plan: Plan, plan_rank: int, device: DeviceChoice) -> ParallelC
     grid = [[0] * degrees.dp for _ in range(degrees.pp)]
     for rank in plan.ranks:
         grid[rank.stage][rank.dp_index] = process_of[rank.rank]
-    mesh = DeviceMesh(device.device.type, torch.tensor(grid), mesh_dim_names=("pp", "dp"))
+    # Group ranks follow the mesh (pp group rank = pipeline position), not process
+    # ranks: torchrun's c10d rendezvous numbers processes in arrival order, and the
+    # interleaved schedule places virtual stage s on pp-group rank s % pp.
+    mesh = DeviceMesh(
+        device.device.type,
+        torch.tensor(grid),
+        mesh_dim_names=("pp", "dp"),
+        preserve_rank_order=True,
+    )
     dp_group, pp_group = mesh.get_group("dp"), mesh.get_group("pp")
 
     expert_parallel: ExpertParallel | None = None

@@ -28,8 +28,9 @@ Interleaved 1F1B (``plan.virtual_stages`` = v > 1): the rank at pipeline positio
 (:class:`ChunkCompute`) of one chunk of the rank's single :class:`Stage` module, under
 ``ScheduleInterleaved1F1B``. The stage module, its parameter names and everything
 after the backward (gradient sync, optimizer, checkpoint) are the same as with 1F1B.
-That schedule places virtual stage ``s`` on pp-group rank ``s % pp``, so the pp group's
-rank order (by process rank) must follow the pipeline positions.
+That schedule places virtual stage ``s`` on pp-group rank ``s % pp``; the pp group's
+ranks follow the pipeline positions whatever order torchrun numbered the processes in
+(``build_context`` keeps the mesh's rank order).
 """
 
 from __future__ import annotations
@@ -165,9 +166,9 @@ class StepRunner:
             )
         if group_rank != list(range(pp)):
             raise PlanError(
-                "interleaved 1F1B needs the processes of a pipeline in stage order "
-                f"(replica {context.me.dp_index} has processes {column} for stages 0..{pp - 1}); "
-                "order plan ranks by stage or set virtual_stages to 1"
+                "interleaved 1F1B needs the pp group's ranks in stage order "
+                f"(replica {context.me.dp_index} has processes {column} for stages 0..{pp - 1} "
+                f"at group ranks {group_rank}); build the mesh with preserve_rank_order"
             )
         pipes = [
             self._pipeline_stage(

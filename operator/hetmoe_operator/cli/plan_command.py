@@ -176,7 +176,12 @@ def render(comparison: Comparison) -> str:
     p = plan.parallel
     lines = [
         f"plan for {plan.job}: objective {plan.objective}, {plan.world_size} devices, "
-        f"pp={p.pp} dp={p.dp} ep={p.ep} tp={p.tp}",
+        f"pp={p.pp} dp={p.dp} ep={p.ep} tp={p.tp}"
+        + (
+            f", {plan.virtual_stages} virtual stages per position"
+            if plan.virtual_stages > 1
+            else ""
+        ),
         "",
         "pools",
     ]
@@ -211,12 +216,15 @@ def render(comparison: Comparison) -> str:
     memory = {(m.pool, m.stage): m for m in prediction.memory}
     rows = []
     for stage in plan.stages:
-        pools = sorted({r.pool for r in plan.ranks if r.stage == stage.index})
+        # With interleaving (virtual_stages > 1) ranks, memory and times are per
+        # pipeline position; stage s runs on position s % pp.
+        position = stage.index % p.pp
+        pools = sorted({r.pool for r in plan.ranks if r.stage == position})
         peak = max(
-            (memory[(pool, stage.index)] for pool in pools),
+            (memory[(pool, position)] for pool in pools),
             key=lambda m: m.total_gib / m.capacity_gib,
         )
-        times = [e for e in prediction.stages if e.stage == stage.index]
+        times = [e for e in prediction.stages if e.stage == position]
         slowest = max(times, key=lambda e: e.step_seconds, default=None)
         rows.append(
             [

@@ -2,15 +2,17 @@
 
 The even split is what a grade-unaware launcher does: take every device in cluster
 order, the same number of layers per stage and the same batch per replica. It is
-still given its best pipeline/expert degrees and microbatch size under the same cost
-model, so the comparison isolates grade awareness. The single-grade plans are the
-planner itself restricted to the pools of one grade.
+still given its best pipeline/expert degrees, microbatch size and chunks per stage
+(interleaved 1F1B) under the same cost model, so the comparison isolates grade
+awareness. The single-grade plans are the planner itself restricted to the pools of one
+grade.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetmoe_operator.api.cluster import ClusterDescription
 from hetmoe_operator.api.job import PlacementSpec
@@ -89,6 +91,21 @@ def even_split_layout(problem: Problem, pp: int, ep: int, microbatch_size: int) 
     return Layout(pp, ep, bounds, groups, microbatch_size, tuple(counts), (True,) * pp, True)
 
 
+def _interleaved(layout: Layout) -> list[Layout]:
+    """The even split with 2, 4, ... chunks per stage (interleaved 1F1B), where every
+    stage has that many layers and every replica whole rounds of pp microbatches: a
+    grade-blind launcher may interleave too."""
+    if layout.pp == 1 or any(count % layout.pp for count in layout.microbatches):
+        return []
+    fewest = min(b - a for a, b in itertools.pairwise(layout.bounds))
+    variants = []
+    virtual = 2
+    while virtual <= fewest:
+        variants.append(replace(layout, virtual=virtual))
+        virtual *= 2
+    return variants
+
+
 def best_even_split(problem: Problem, degrees: Sequence[tuple[int, int]]) -> Alternative:
     """The fastest even split over the given (pp, ep) pairs and microbatch counts."""
     batch = problem.training.global_batch_size
@@ -98,9 +115,12 @@ def best_even_split(problem: Problem, degrees: Sequence[tuple[int, int]]) -> Alt
             layout = even_split_layout(problem, pp, ep, size)
             if layout is None:
                 continue
-            evaluation = evaluate(problem, layout)
-            if evaluation.fits and (best is None or evaluation.tokens_per_s > best[0].tokens_per_s):
-                best = (evaluation, layout)
+            for candidate in (layout, *_interleaved(layout)):
+                evaluation = evaluate(problem, candidate)
+                if evaluation.fits and (
+                    best is None or evaluation.tokens_per_s > best[0].tokens_per_s
+                ):
+                    best = (evaluation, candidate)
     if best is None:
         return Alternative("even split", None, None, None, 0, "does not fit in memory")
     evaluation, layout = best
@@ -108,7 +128,8 @@ def best_even_split(problem: Problem, degrees: Sequence[tuple[int, int]]) -> Alt
         "even split",
         evaluation,
         sum(layout.devices_per_pool().values()),
-        f"pp={layout.pp} ep={layout.ep} dp={layout.dp}",
+        f"pp={layout.pp} ep={layout.ep} dp={layout.dp}"
+        + (f" v={layout.virtual}" if layout.virtual > 1 else ""),
     )
 
 

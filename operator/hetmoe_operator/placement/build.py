@@ -69,7 +69,20 @@ def describe_inputs(problem: Problem, layout: Layout) -> list[str]:
         f"{placement.redundant_slots} redundant, expected load imbalance "
         f"{placement.imbalance:.3f} (max/mean)"
     )
-    return lines + problem.assumptions.describe()
+    assumptions = problem.assumptions.describe()
+    if layout.virtual > 1:
+        lines.append(
+            f"pipeline schedule: interleaved 1F1B, {layout.virtual} chunks (virtual stages) "
+            f"per position: fill/drain {1 / layout.virtual:g}x of 1F1B's, {layout.virtual} "
+            "stage-to-stage transfers per microbatch and position (the last position "
+            f"{layout.virtual - 1}, back to the first); position r keeps min((v - 1) pp + "
+            "2 (pp - 1 - r) + 1, v x microbatches) chunk-microbatches in flight"
+        )
+        # That replaces the 1F1B in-flight rule the general assumptions state.
+        assumptions = [line for line in assumptions if not line.startswith("1F1B schedule:")]
+    elif layout.pp > 1:
+        lines.append("pipeline schedule: 1F1B")
+    return lines + assumptions
 
 
 def build_plan(
@@ -98,9 +111,11 @@ def build_plan(
     expert_sets = problem.placement(ep, layout.redundant_experts).experts
     memory = problem.memory
     ranks = []
+    chunks = layout.chunks()
     for rank, (_, node_slot, local_rank, pool, group, stage, ep_rank) in enumerate(seats):
-        start, end = layout.bounds[stage], layout.bounds[stage + 1]
-        has_moe = memory.moe_layers[end] > memory.moe_layers[start]
+        has_moe = any(
+            memory.moe_layers[end] > memory.moe_layers[start] for start, end in chunks[stage::pp]
+        )
         ranks.append(
             RankPlan(
                 rank=rank,
@@ -118,13 +133,13 @@ def build_plan(
     stages = [
         StagePlan(
             index=s,
-            layer_start=layout.bounds[s],
-            layer_end=layout.bounds[s + 1],
+            layer_start=start,
+            layer_end=end,
             has_embedding=s == 0,
-            has_head=s == pp - 1,
-            recompute_activations=layout.recompute[s],
+            has_head=s == len(chunks) - 1,
+            recompute_activations=layout.recompute[s % pp],
         )
-        for s in range(pp)
+        for s, (start, end) in enumerate(chunks)
     ]
     replicas = [
         ReplicaPlan(
@@ -157,7 +172,9 @@ def build_plan(
                 nodes=math.ceil(devices / info.pool.devices_per_node),
                 devices=devices,
                 stages=pool_stages,
-                layers=_ranges([x for s in pool_stages for x in stages[s].layers]),
+                layers=_ranges(
+                    [x for s in pool_stages for chunk in stages[s::pp] for x in chunk.layers]
+                ),
                 experts_per_device=sum(len(r.experts) for r in pool_ranks) / len(pool_ranks),
                 predicted_tokens_per_s=flow,
                 cost_per_hour=devices * info.grade.price_per_hour,
@@ -214,6 +231,7 @@ def build_plan(
         training=problem.training,
         parallel=ParallelDegrees(pp=pp, dp=layout.dp, ep=ep, tp=1),
         stages=stages,
+        virtual_stages=layout.virtual,
         replicas=replicas,
         ranks=ranks,
         pools=summaries,

@@ -21,7 +21,13 @@ from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile
 from hetmoe_operator.placement.experts import ExpertPlacement, balanced_placement
-from hetmoe_operator.placement.memory import MemoryModel, StageMemory, StageShape
+from hetmoe_operator.placement.memory import (
+    MemoryModel,
+    StageMemory,
+    StageShape,
+    interleaved_peaks,
+    split_chunk,
+)
 
 REDUNDANT_FRACTION = 0.125
 """At most this fraction of extra expert slots per EP group (EPLB's published setting)."""
@@ -70,11 +76,31 @@ class Problem:
             )
         self._placements: dict[tuple[int, int], ExpertPlacement] = {}
         self._stage_vectors: dict[tuple, _StageVector] = {}
+        self._peaks: dict[tuple[int, int, int, int], tuple[tuple[int, ...], ...]] = {}
+        self._chunks: dict[tuple[tuple[int, ...], int], tuple[tuple[tuple[int, int], ...], ...]]
+        self._chunks = {}
 
     @property
     def tokens_per_step(self) -> int:
         """Tokens of one optimizer step."""
         return self.training.tokens_per_step
+
+    def position_chunks(self, layout: Layout) -> tuple[tuple[tuple[int, int], ...], ...]:
+        """Per pipeline position: the layer ranges of its chunks (cached)."""
+        key = (layout.bounds, layout.virtual)
+        if key not in self._chunks:
+            chunks = layout.chunks()
+            self._chunks[key] = tuple(chunks[r :: layout.pp] for r in range(layout.pp))
+        return self._chunks[key]
+
+    def peaks(
+        self, pp: int, virtual: int, position: int, microbatches: int
+    ) -> tuple[tuple[int, ...], ...]:
+        """:func:`~.memory.interleaved_peaks`, cached."""
+        key = (pp, virtual, position, microbatches)
+        if key not in self._peaks:
+            self._peaks[key] = interleaved_peaks(pp, virtual, position, microbatches)
+        return self._peaks[key]
 
     def placement(self, ep: int, redundant: bool) -> ExpertPlacement:
         """Expert placement for an EP group of ``ep`` equal devices."""
@@ -83,6 +109,29 @@ class Problem:
             extra = int(REDUNDANT_FRACTION * self.model.num_experts) if redundant else 0
             self._placements[key] = balanced_placement(self.loads, [1.0] * ep, extra)
         return self._placements[key]
+
+
+def chunk_ranges(bounds: Sequence[int], virtual: int) -> tuple[tuple[int, int], ...]:
+    """Layer range of each of the ``pp x virtual`` stages, in schedule order.
+
+    ``bounds`` give each pipeline position's layer count (position r holds
+    ``bounds[r + 1] - bounds[r]`` layers, the uneven split balancing grades); that
+    share is cut into ``virtual`` near-equal chunks, the larger first. Virtual stage
+    ``s`` is chunk ``s // pp`` of position ``s % pp`` and layers are numbered in stage
+    order, so with ``virtual`` = 1 the ranges are ``bounds`` themselves.
+    """
+    pp = len(bounds) - 1
+    sizes = [
+        [end - start for start, end in split_chunk(bounds[r], bounds[r + 1], virtual)]
+        for r in range(pp)
+    ]
+    ranges = []
+    cursor = 0
+    for stage in range(pp * virtual):
+        size = sizes[stage % pp][stage // pp]
+        ranges.append((cursor, cursor + size))
+        cursor += size
+    return tuple(ranges)
 
 
 @dataclass(frozen=True)
@@ -103,11 +152,19 @@ class Layout:
     """Per stage: recompute activations in backward (store only layer inputs)."""
     redundant_experts: bool
     """Whether EP groups carry redundant replicas of hot experts."""
+    virtual: int = 1
+    """Chunks (virtual stages) per pipeline position: 1 runs 1F1B, v > 1 interleaved
+    1F1B, each position's layer share cut into v chunks (see :func:`chunk_ranges`);
+    ``bounds`` and ``recompute`` stay per position."""
 
     @property
     def dp(self) -> int:
         """Data-parallel replicas."""
         return len(self.groups) * self.ep
+
+    def chunks(self) -> tuple[tuple[int, int], ...]:
+        """Layer range of every (virtual) stage, in schedule order."""
+        return chunk_ranges(self.bounds, self.virtual)
 
     def devices_per_pool(self) -> dict[str, int]:
         """Devices the layout takes from each pool."""
@@ -183,29 +240,45 @@ class _StageVector:
     latency: float
     """Fixed all-to-all latency per microbatch."""
     p2p: float
-    """Stage-to-stage transfer of activations and their gradients."""
+    """One stage-to-stage transfer of activations and their gradients, per token."""
     p2p_latency: float
-    """Fixed latency of those transfers per microbatch."""
+    """Fixed latency of that transfer per microbatch."""
+    hops: int
+    """Transfers to the next position per microbatch: 1 under 1F1B (0 on the last
+    stage); v under interleaving (v - 1 from the last position back to the first)."""
+    virtual: int
+    """Chunks per position (1 under 1F1B)."""
     backward_share: float
     """Fraction of compute that is backward (recomputation counts as backward)."""
 
     def work(self, tokens: int) -> float:
-        """Compute and exposed all-to-all of one microbatch."""
+        """Compute and exposed all-to-all of one microbatch (all chunks)."""
         return (
             tokens * (self.compute + self.expert_excess + self.communication)
             + self.fixed
             + self.latency
         )
 
+    def transfer(self, tokens: int) -> float:
+        """Seconds of one stage-to-stage transfer (activation and its gradient)."""
+        return tokens * self.p2p + self.p2p_latency
+
     def steady(self, tokens: int, overlap: bool) -> float:
-        """Seconds per microbatch in 1F1B's steady state."""
+        """Seconds per microbatch in (interleaved) 1F1B's steady state."""
         work = self.work(tokens)
-        transfer = tokens * self.p2p + self.p2p_latency
+        transfer = self.hops * self.transfer(tokens)
         return max(work, transfer) if overlap else work + transfer
 
     def fill(self, tokens: int) -> float:
-        """Seconds per microbatch in fill and drain (transfers always exposed)."""
-        return self.work(tokens) + tokens * self.p2p + self.p2p_latency
+        """This position's share of fill and drain: one chunk's work and one hop to the
+        next position (exposed), none on the last position."""
+        hop = self.transfer(tokens) if self.hops >= self.virtual else 0.0
+        return self.work(tokens) / self.virtual + hop
+
+    def last_backward(self, tokens: int) -> float:
+        """The last microbatch's backward on this position's first chunk (drain)."""
+        backward = (tokens * (self.compute + self.expert_excess) + self.fixed) * self.backward_share
+        return backward / self.virtual
 
 
 def _spans_intra_node(layout: Layout, problem: Problem) -> dict[str, bool]:
@@ -233,15 +306,18 @@ def _stage_vector(
     p2p_intra: dict[str, bool],
 ) -> _StageVector:
     recompute = layout.recompute[stage]
+    pp = layout.pp
+    nxt = template[(stage + 1) % pp]
     key = (
         template,
         stage,
         layout.bounds,
+        layout.virtual,
         layout.ep,
         recompute,
         layout.redundant_experts,
         p2p_intra.get(template[stage], False),
-        p2p_intra.get(template[stage + 1], False) if stage + 1 < layout.pp else False,
+        p2p_intra.get(nxt, False),
     )
     cached = problem._stage_vectors.get(key)
     if cached is not None:
@@ -249,18 +325,24 @@ def _stage_vector(
     model = problem.model
     a = problem.assumptions
     info = problem.pools[template[stage]]
-    start, end = layout.bounds[stage], layout.bounds[stage + 1]
-    dense, expert = info.profile.forward_seconds(start, end)
-    passes = info.profile.passes + (1.0 if recompute else 0.0)
+    profile = info.profile
+    chunks = problem.position_chunks(layout)[stage]
+    dense = expert = fixed = 0.0
+    moe_layers = 0
+    for start, end in chunks:
+        d, e = profile.forward_seconds(start, end)
+        dense += d
+        expert += e
+        fixed += profile.fixed_prefix[end] - profile.fixed_prefix[start]
+        moe_layers += problem.memory.moe_layers[end] - problem.memory.moe_layers[start]
+    passes = profile.passes + (1.0 if recompute else 0.0)
     imbalance = problem.placement(layout.ep, layout.redundant_experts).imbalance
     compute = passes * (dense + expert)
-    fixed = info.profile.fixed_prefix[end] - info.profile.fixed_prefix[start]
-    fixed *= passes / info.profile.passes
-    if stage == layout.pp - 1:
-        compute += info.profile.head_seconds
-        fixed += info.profile.head_fixed_seconds
+    fixed *= passes / profile.passes
+    if stage == pp - 1:
+        compute += profile.head_seconds
+        fixed += profile.head_fixed_seconds
     expert_excess = passes * expert * (imbalance - 1.0)
-    moe_layers = problem.memory.moe_layers[end] - problem.memory.moe_layers[start]
     # Per MoE layer and microbatch: dispatch and combine forward and backward carry the
     # tokens (again forward when recomputing); a count exchange before each forward
     # dispatch costs a collective's latency but no bandwidth worth charging.
@@ -277,12 +359,14 @@ def _stage_vector(
         latency += (exchanges + count_exchanges) * a.collective_latency_s
         if a.overlap_communication:
             # Each pass's exchanges hide behind that pass's shared-expert compute.
-            hidden = passes * moe_layers * info.profile.shared_forward_seconds
+            hidden = passes * moe_layers * profile.shared_forward_seconds
             communication = max(0.0, communication - hidden)
+    # Each chunk but the very last sends its output on (and gets its gradient back):
+    # to the next position, or from the last position back to the first.
+    hops = layout.virtual if stage + 1 < pp else layout.virtual - 1
     p2p = 0.0
     p2p_latency = 0.0
-    if stage + 1 < layout.pp:
-        nxt = template[stage + 1]
+    if pp > 1 and hops:
         if nxt != template[stage]:
             gbps = problem.cluster.catalog.cross_pool_gbps
         elif p2p_intra.get(nxt, False):
@@ -293,7 +377,16 @@ def _stage_vector(
         p2p_latency = 2 * a.p2p_latency_s
     backward_share = (passes - 1.0) / passes
     vector = _StageVector(
-        compute, expert_excess, fixed, communication, latency, p2p, p2p_latency, backward_share
+        compute,
+        expert_excess,
+        fixed,
+        communication,
+        latency,
+        p2p,
+        p2p_latency,
+        hops,
+        layout.virtual,
+        backward_share,
     )
     problem._stage_vectors[key] = vector
     return vector
@@ -340,12 +433,12 @@ def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[list[float], 
     used = layout.devices_per_pool()
     sync: list[float] = []
     optimizer = 0.0
-    for stage in range(layout.pp):
-        start, end = layout.bounds[stage], layout.bounds[stage + 1]
-        dense = memory.dense_params[end] - memory.dense_params[start]
+    for stage, chunks in enumerate(problem.position_chunks(layout)):
+        dense = sum(memory.dense_params[end] - memory.dense_params[start] for start, end in chunks)
         dense += model.embedding_params * (int(stage == 0) + int(stage == layout.pp - 1))
         dense += model.hidden_size if stage == layout.pp - 1 else 0  # final norm
-        experts = (memory.moe_layers[end] - memory.moe_layers[start]) * slots * model.expert_params
+        moe = sum(memory.moe_layers[end] - memory.moe_layers[start] for start, end in chunks)
+        experts = moe * slots * model.expert_params
         groups_per_pool: dict[str, int] = {}
         for template, count in templates.items():
             pool = template[stage]
@@ -374,6 +467,7 @@ def _memory(problem: Problem, layout: Layout) -> tuple[MemoryCheck, ...]:
             most[(pool, stage)] = max(most.get((pool, stage), 0), count)
     checks = []
     for (pool, stage), count in sorted(most.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        interleaved = layout.virtual > 1
         shape = StageShape(
             start=layout.bounds[stage],
             end=layout.bounds[stage + 1],
@@ -384,6 +478,8 @@ def _memory(problem: Problem, layout: Layout) -> tuple[MemoryCheck, ...]:
             expert_shards=len(layout.groups),
             in_flight=min(layout.pp - stage, count),
             recompute=layout.recompute[stage],
+            chunks=problem.position_chunks(layout)[stage] if interleaved else (),
+            peaks=problem.peaks(layout.pp, layout.virtual, stage, count) if interleaved else (),
         )
         info = problem.pools[pool]
         checks.append(
@@ -405,14 +501,16 @@ def _exposed_sync(
 
     Without overlap: the slowest stage's sync. With it: stage ``s`` syncs during its
     own last backward and while the earlier stages drain theirs; what exceeds that
-    window is exposed, and never less than its last bucket (one layer's share).
+    window is exposed, and never less than its last bucket (one layer's share). Under
+    interleaving only the first chunk's last backward counts (the others' gradients
+    are ready earlier, which this ignores: a pessimistic window).
     """
     if not problem.assumptions.overlap_communication:
         return max(sync)
     exposed = 0.0
     drain = 0.0
     for stage, (seconds, v) in enumerate(zip(sync, vectors, strict=True)):
-        backward = (tokens * (v.compute + v.expert_excess) + v.fixed) * v.backward_share
+        backward = v.last_backward(tokens)
         layers = max(1, layout.bounds[stage + 1] - layout.bounds[stage])
         exposed = max(exposed, seconds / layers, seconds - backward - drain)
         drain += backward
@@ -423,7 +521,11 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
     """Predicted step time, throughput, cost and memory of ``layout``.
 
     1F1B with ``m`` microbatches: every stage once in fill and drain (transfers
-    exposed) plus ``m - 1`` times the slowest stage's steady-state time.
+    exposed) plus ``m - 1`` times the slowest stage's steady-state time. Interleaved
+    1F1B with v chunks per position (Narayanan et al., 2021): fill and drain pass
+    through one chunk per position, ``1 / v`` of its work (plus one exposed hop), so
+    the bubble shrinks v-fold to ``(pp - 1) / (v m)`` of the step, while the steady
+    state carries v transfers per microbatch and position instead of one.
     """
     seq = problem.training.sequence_length
     overlap = problem.assumptions.overlap_communication
@@ -441,7 +543,7 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
         seconds = known.get((template, m), -1.0)
         if seconds < 0:
             slowest = max(v.steady(tokens, overlap) for v in vectors)
-            seconds = sum(v.fill(tokens) for v in vectors) + (m - 1) * slowest
+            seconds = sum(v.fill(tokens) for v in vectors) + (m - 1 / layout.virtual) * slowest
             known[(template, m)] = seconds
         if worst is None or seconds > worst[0]:
             worst = (seconds, m, vectors)
@@ -459,9 +561,9 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
     work = m * mean_s
     step = Breakdown(
         compute=work * compute / total_s,
-        bubble=total_s - max(steady),
+        bubble=(total_s - max(steady)) / layout.virtual,
         communication=work * communication / total_s
-        + max(0.0, sum(fill) - total_s)
+        + max(0.0, sum(fill) - total_s / layout.virtual)
         + _exposed_sync(problem, layout, sync, vectors, tokens),
         imbalance=work * excess / total_s + m * (max(steady) - mean_s),
         optimizer=optimizer,
@@ -507,7 +609,7 @@ def stage_times(problem: Problem, layout: Layout) -> list[StageTime]:
         vectors = [_stage_vector(problem, layout, template, s, p2p_intra) for s in range(layout.pp)]
         steady = [v.steady(tokens, overlap) for v in vectors]
         fill = [v.fill(tokens) for v in vectors]
-        pipeline = sum(fill) + (m - 1) * max(steady)
+        pipeline = sum(fill) + (m - 1 / layout.virtual) * max(steady)
         drain = 0.0
         for stage, v in enumerate(vectors):
             result.append(
@@ -517,9 +619,9 @@ def stage_times(problem: Problem, layout: Layout) -> list[StageTime]:
                     groups=tuple(groups),
                     microbatches=m,
                     microbatch_seconds=steady[stage],
-                    busy_seconds=fill[stage] + (m - 1) * steady[stage],
+                    busy_seconds=fill[stage] + (m - 1 / layout.virtual) * steady[stage],
                     step_seconds=pipeline - drain,
                 )
             )
-            drain += (tokens * (v.compute + v.expert_excess) + v.fixed) * v.backward_share
+            drain += v.last_backward(tokens)
     return sorted(result, key=lambda t: (t.stage, t.groups))

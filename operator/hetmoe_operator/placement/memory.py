@@ -46,9 +46,89 @@ class StageShape:
     expert_shards: int
     """Ranks an expert's optimizer state is sharded over (EP groups of the stage)."""
     in_flight: int
-    """Microbatches whose activations are alive at the 1F1B peak."""
+    """Microbatches whose activations are alive at the 1F1B peak (one chunk)."""
     recompute: bool
     """Keep only layer inputs and recompute the rest in backward."""
+    chunks: tuple[tuple[int, int], ...] = ()
+    """Interleaved 1F1B: the layer range of each chunk (virtual stage) the device
+    holds, in schedule order; empty means one chunk, [start, end)."""
+    peaks: tuple[tuple[int, ...], ...] = ()
+    """Interleaved 1F1B: microbatches alive per chunk at each moment that may be the
+    activation peak (see :func:`interleaved_peaks`); empty means ``(in_flight,)``."""
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        """Layer ranges of the device's chunks."""
+        return self.chunks or ((self.start, self.end),)
+
+    @property
+    def alive(self) -> tuple[tuple[int, ...], ...]:
+        """Per candidate peak: microbatches alive per chunk."""
+        return self.peaks or ((self.in_flight,),)
+
+
+def interleaved_peaks(
+    pp: int, virtual: int, position: int, microbatches: int
+) -> tuple[tuple[int, ...], ...]:
+    """Microbatches whose activations each chunk of pipeline ``position`` holds, at
+    every moment that may be its activation peak, under (interleaved) 1F1B.
+
+    Replays the order torch's ``ScheduleInterleaved1F1B`` (as Megatron-LM's interleaved
+    schedule) runs one rank's forwards and backwards in: ``(v - 1) x round + 2 (pp - 1
+    - position)`` warm-up forwards (capped at ``v m``; ``round`` = ``m / (m // pp)``
+    microbatches, i.e. ``pp`` when ``m`` is a multiple of it) cycling through the
+    chunks ``round`` microbatches at a time, then one forward and one backward (chunks
+    in reverse order) per step. Activations peak right after a forward; the candidate
+    count vectors that no other one dominates are returned. With v = 1 this is
+    ``min(pp - position, m)`` for the single chunk, 1F1B's figure; position 0 of an
+    interleaved pipeline holds ``pp + (pp - 1) / v`` stage-equivalents (Korthikanti et
+    al., 2022), more than 1F1B's ``pp``.
+    """
+    if virtual == 1:
+        return ((min(pp - position, microbatches),),)
+    rounds = max(1, microbatches // pp)
+    per_round = microbatches // rounds
+    total = microbatches * virtual
+    warmup = min((virtual - 1) * per_round + 2 * (pp - 1 - position), total)
+    counts = [0] * virtual
+    for op in range(warmup):
+        counts[(op // per_round) % virtual] += 1
+    if warmup == total:  # all forwards first: counts only grow, then only shrink
+        return (tuple(counts),)
+    # In the steady phase every step adds one forward and removes one backward, so the
+    # vectors seen right after a forward all hold warmup + 1 microbatches (none
+    # dominates another); warm-up and cool-down vectors are dominated by them.
+    seen: dict[tuple[int, ...], None] = {}
+    for op in range(warmup, total):
+        counts[(op // per_round) % virtual] += 1
+        seen[tuple(counts)] = None
+        counts[virtual - 1 - ((op - warmup) // per_round) % virtual] -= 1
+    return tuple(seen)
+
+
+def split_chunk(start: int, end: int, virtual: int) -> tuple[tuple[int, int], ...]:
+    """Layers [start, end) as ``virtual`` contiguous chunks, the larger ones first."""
+    base, extra = divmod(end - start, virtual)
+    chunks = []
+    for k in range(virtual):
+        size = base + (1 if k < extra else 0)
+        chunks.append((start, start + size))
+        start += size
+    return tuple(chunks)
+
+
+def _peak(per_chunk: list[float], alive: tuple[tuple[int, ...], ...]) -> float:
+    """Largest sum of chunk activations over the candidate peak moments."""
+    if len(alive) == 1 and len(per_chunk) == 1:
+        return alive[0][0] * per_chunk[0]
+    best = 0.0
+    for counts in alive:  # the search's hot loop: plain loops beat generators here
+        total = 0.0
+        for k, count in enumerate(counts):
+            total += count * per_chunk[k]
+        if total > best:
+            best = total
+    return best
 
 
 class MemoryModel:
@@ -85,32 +165,33 @@ class MemoryModel:
 
     def activation_bytes_per_sample(self, shape: StageShape) -> float:
         """Activation bytes per sequence of microbatch size at the schedule's peak."""
-        tokens = self.sequence_length
-        layers = shape.end - shape.start
-        if shape.recompute:
-            stored = shape.in_flight * layers * self.assumptions.activation_bytes
-            stored *= self.model.hidden_size
-            working = self.max_layer_activation if layers else 0.0
-            per_token = stored + working
-        else:
-            full = self.full_activation[shape.end] - self.full_activation[shape.start]
-            per_token = shape.in_flight * full
-        if shape.has_embedding:
-            per_token += (
-                shape.in_flight * self.assumptions.activation_bytes * self.model.hidden_size
-            )
+        act = float(self.assumptions.activation_bytes * self.model.hidden_size)
+        per_chunk: list[float] = []
+        for k, (start, end) in enumerate(shape.ranges):
+            stored: float
+            if shape.recompute:
+                stored = (end - start) * act
+            else:
+                stored = self.full_activation[end] - self.full_activation[start]
+            if shape.has_embedding and k == 0:
+                stored += act
+            per_chunk.append(stored)
+        per_token = _peak(per_chunk, shape.alive)
+        if shape.recompute and any(end > start for start, end in shape.ranges):
+            per_token += self.max_layer_activation
         if shape.has_head:
             per_token += self.assumptions.logits_bytes_per_vocab * self.model.vocab_size
-        return per_token * tokens
+        return per_token * self.sequence_length
 
     def stage(self, shape: StageShape, microbatch_size: int) -> StageMemory:
         """Peak bytes of one device of the stage."""
         a = self.assumptions
         model = self.model
-        dense = self.dense_params[shape.end] - self.dense_params[shape.start]
+        ranges = shape.ranges
+        dense = sum(self.dense_params[end] - self.dense_params[start] for start, end in ranges)
         dense += model.embedding_params * (int(shape.has_embedding) + int(shape.has_head))
         dense += model.hidden_size if shape.has_head else 0
-        moe = self.moe_layers[shape.end] - self.moe_layers[shape.start]
+        moe = sum(self.moe_layers[end] - self.moe_layers[start] for start, end in ranges)
         experts = moe * shape.expert_slots * model.expert_params
         params = dense + experts
         optimizer = a.optimizer_bytes * (
@@ -128,7 +209,13 @@ class MemoryModel:
         self, template: StageShape, microbatch_size: int
     ) -> Callable[[int, int], float]:
         """``(start, end) -> stage(shape, microbatch_size).total`` for shapes that differ
-        from ``template`` only in their layer range: O(1) per call, for the search."""
+        from ``template`` only in their layer range: O(1) per call, for the search.
+
+        With interleaving (``template.peaks`` per chunk) the range is cut into that many
+        contiguous chunks of near-equal layer counts (:func:`split_chunk`), which is
+        how the planner's positions are chunked, only without the other positions'
+        chunks in between: layers differ little, and :func:`~.layout.evaluate` checks
+        the true chunks."""
         a = self.assumptions
         model = self.model
         tokens = self.sequence_length * microbatch_size
@@ -143,14 +230,34 @@ class MemoryModel:
             int(template.has_embedding) + int(template.has_head)
         ) + (model.hidden_size if template.has_head else 0)
         fixed = fixed_params * per_dense + a.runtime_overhead_gib * GIB
-        if template.has_embedding:
-            fixed += template.in_flight * a.activation_bytes * model.hidden_size * tokens
         if template.has_head:
             fixed += a.logits_bytes_per_vocab * model.vocab_size * tokens
         dense, moe, full = self.dense_params, self.moe_layers, self.full_activation
+        layer_input = a.activation_bytes * model.hidden_size * tokens
+        embedding = layer_input if template.has_embedding else 0.0
+        working = self.max_layer_activation * tokens
+        alive = template.alive
+        virtual = len(alive[0])
+        if virtual > 1:
+
+            def total_chunked(start: int, end: int) -> float:
+                per_chunk = [
+                    (layer_input * (e - s) if template.recompute else tokens * (full[e] - full[s]))
+                    + (embedding if k == 0 else 0.0)
+                    for k, (s, e) in enumerate(split_chunk(start, end, virtual))
+                ]
+                return (
+                    fixed
+                    + per_dense * (dense[end] - dense[start])
+                    + per_moe_layer * (moe[end] - moe[start])
+                    + _peak(per_chunk, alive)
+                    + (working if template.recompute and end > start else 0.0)
+                )
+
+            return total_chunked
+        fixed += template.in_flight * embedding
         if template.recompute:
-            per_layer = template.in_flight * a.activation_bytes * model.hidden_size * tokens
-            working = self.max_layer_activation * tokens
+            per_layer = template.in_flight * layer_input
 
             def total(start: int, end: int) -> float:
                 return (

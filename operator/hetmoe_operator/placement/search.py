@@ -18,6 +18,9 @@ Search space (every point is scored by :func:`~.layout.evaluate`):
 * one uneven layer split shared by all replicas, balancing the slowest stage over the
   grades in use (and, if that overflows memory, a memory-aware split);
 * microbatch size, with each EP group's microbatch count proportional to its speed;
+* for pp > 1, interleaved 1F1B with v = 2, 4, ... chunks per position (while each
+  position holds v layers and every count is a multiple of pp), a larger v only while
+  it helps and while removing the whole bubble could still beat the best plan so far;
 * activation recomputation and redundant expert slots, only when memory allows or
   requires.
 
@@ -32,10 +35,11 @@ input always yields the same plan (unless the time limit cuts the search short).
 from __future__ import annotations
 
 import heapq
+import itertools
 import time
 from bisect import bisect_right
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.placement.cost_model import GradeProfile, price_performance
@@ -147,21 +151,29 @@ def apportion(total: int, weights: Sequence[float]) -> list[int] | None:
     return [s + 1 for s in shares]
 
 
-def fill_pipelines(stage_seconds: Sequence[float], pp: int, total: int) -> list[int] | None:
+def fill_pipelines(
+    stage_seconds: Sequence[float], pp: int, total: int, virtual: int = 1
+) -> list[int] | None:
     """Split ``total`` microbatches over pipelines whose slowest stage takes
-    ``stage_seconds`` each, so that ``(count + pp - 1) x stage_seconds`` (1F1B with its
-    fill and drain) is as equal as possible.
+    ``stage_seconds`` each, so that ``(count + (pp - 1) / virtual) x stage_seconds``
+    ((interleaved) 1F1B with its fill and drain) is as equal as possible.
 
     Every pipeline gets at least ``pp`` microbatches: 1F1B (torch's ``Schedule1F1B``)
-    refuses fewer microbatches than stages, so a plan with fewer could not run.
+    refuses fewer microbatches than stages, so a plan with fewer could not run. With
+    ``virtual`` > 1 every count is a multiple of ``pp`` (interleaved 1F1B needs whole
+    rounds of ``pp`` microbatches); None when ``total`` is not.
     """
     parts = len(stage_seconds)
-    if total < parts * pp:
+    step = pp if virtual > 1 else 1
+    if total < parts * pp or total % step:
         return None
     times = [max(t, 1e-30) for t in stage_seconds]
+    fill = (pp - 1) / virtual
 
     def counts_at(limit: float) -> list[int]:
-        return [max(pp, int(limit / t) - (pp - 1)) for t in times]
+        if step == 1:  # 1F1B; the hot case, so no float division by the step
+            return [max(pp, int(limit / t) - (pp - 1)) for t in times]
+        return [max(pp, int(max(0.0, limit / t - fill) / step) * step) for t in times]
 
     low, high = 0.0, (total + pp) * max(times)
     for _ in range(100):
@@ -171,12 +183,12 @@ def fill_pipelines(stage_seconds: Sequence[float], pp: int, total: int) -> list[
         else:
             high = middle
     counts = counts_at(low)
-    heap = [((c + pp) * t, i) for i, (c, t) in enumerate(zip(counts, times, strict=True))]
+    heap = [((c + step + fill) * t, i) for i, (c, t) in enumerate(zip(counts, times, strict=True))]
     heapq.heapify(heap)
-    for _ in range(total - sum(counts)):
+    for _ in range((total - sum(counts)) // step):
         _, i = heapq.heappop(heap)
-        counts[i] += 1
-        heapq.heappush(heap, ((counts[i] + pp) * times[i], i))
+        counts[i] += step
+        heapq.heappush(heap, ((counts[i] + step + fill) * times[i], i))
     return counts
 
 
@@ -420,6 +432,9 @@ class Searcher:
                         expert_shards=len(layout.groups),
                         in_flight=min(pp - stage, count),
                         recompute=recompute,
+                        peaks=problem.peaks(pp, layout.virtual, stage, count)
+                        if layout.virtual > 1
+                        else (),
                     )
                     total = problem.memory.stage_total_fn(shape, layout.microbatch_size)
                     checks[key].append((total, problem.pools[pool].usable_bytes))
@@ -489,6 +504,7 @@ class Searcher:
             sum(layout.devices_per_pool().values()),
             layout.pp,
             layout.ep,
+            layout.virtual,
             layout.microbatch_size,
             sum(layout.recompute),
         )
@@ -503,34 +519,40 @@ class Searcher:
         pp: int,
         ep: int,
         microbatch_size: int,
+        virtual: int = 1,
     ) -> Iterator[Layout]:
-        """Variants of one configuration, cheapest in compute first."""
+        """Variants of one configuration, cheapest in compute first (with ``virtual``
+        chunks per position: only splits that give every position that many layers)."""
         kinds = self.kinds_of(groups)
         bounds = self.time_split(kinds)
         if bounds is None:
             return
-        counts = self.microbatch_counts(groups, bounds, ep, microbatch_size)
+        counts = self.microbatch_counts(groups, bounds, ep, microbatch_size, virtual)
         if counts is None:
             return
         plain = (False,) * pp
         with_copies = self.problem.placement(ep, True)
         same = with_copies.experts == self.problem.placement(ep, False).experts
+
+        def chunkable(split: tuple[int, ...]) -> bool:
+            return all(b - a >= virtual for a, b in itertools.pairwise(split))
+
         for redundant in (True,) if same else (True, False):
-            layout = Layout(pp, ep, bounds, groups, microbatch_size, counts, plain, redundant)
-            yield layout
+            layout = Layout(
+                pp, ep, bounds, groups, microbatch_size, counts, plain, redundant, virtual
+            )
+            if chunkable(bounds):
+                yield layout
             # A memory-aware split found for another microbatch size often fits too.
-            key = (kinds, ep, redundant)
+            key = (kinds, ep, redundant, virtual)
             previous = self._balanced.get(key)
-            if previous is not None:
-                yield Layout(
-                    pp, ep, previous[0], groups, microbatch_size, counts, previous[1], redundant
-                )
+            if previous is not None and chunkable(previous[0]):
+                yield replace(layout, bounds=previous[0], recompute=previous[1])
             balanced = self.memory_split(layout, kinds)
             if balanced is not None and balanced != (bounds, plain) and balanced != previous:
                 self._balanced[key] = balanced
-                yield Layout(
-                    pp, ep, balanced[0], groups, microbatch_size, counts, balanced[1], redundant
-                )
+                if chunkable(balanced[0]):
+                    yield replace(layout, bounds=balanced[0], recompute=balanced[1])
 
     def microbatch_counts(
         self,
@@ -538,9 +560,11 @@ class Searcher:
         bounds: tuple[int, ...],
         ep: int,
         microbatch_size: int,
+        virtual: int = 1,
     ) -> tuple[int, ...] | None:
         """Microbatches per EP group so that all groups finish together; None when the
-        batch cannot give every replica a whole microbatch."""
+        batch cannot give every replica a whole microbatch (or, interleaved, whole
+        rounds of ``pp``)."""
         units = self.problem.training.global_batch_size // microbatch_size
         if units % ep:
             return None
@@ -554,7 +578,7 @@ class Searcher:
                 head = profile.head_seconds if stage == pp - 1 else 0.0
                 slowest = max(slowest, profile.passes * (dense + expert) + head)
             seconds[template] = slowest
-        counts = fill_pipelines([seconds[t] for t in groups], pp, units // ep)
+        counts = fill_pipelines([seconds[t] for t in groups], pp, units // ep, virtual)
         return tuple(counts) if counts is not None else None
 
     def run(self, deadline: float) -> None:
@@ -661,6 +685,18 @@ class Searcher:
         roomiest = max(problem.pools[p].usable_bytes for template in set(groups) for p in template)
         return per_device <= roomiest
 
+    def virtual_options(self, pp: int) -> list[int]:
+        """Chunks per position to try: 1, and for pp > 1 the powers of two up to the
+        layers per position (the trainer orders each pipeline's process group by
+        position, so any seating of stages on pools can interleave)."""
+        if pp == 1:
+            return [1]
+        layers = self.problem.model.num_hidden_layers
+        options = [1]
+        while options[-1] * 2 * pp <= layers:
+            options.append(options[-1] * 2)
+        return options
+
     def _try_microbatches(
         self,
         groups: tuple[tuple[str, ...], ...],
@@ -668,19 +704,35 @@ class Searcher:
         ep: int,
         options: list[int],
     ) -> float:
-        """Best score over microbatch sizes, smallest first (inf if nothing fits)."""
+        """Best score over microbatch sizes, smallest first, and chunks per position
+        (more only while that helps); inf if nothing fits.
+
+        Interleaving is tried only where it can pay: it needs more activation memory
+        than 1F1B (so not where 1F1B does not fit) and saves at most the bubble (so not
+        where 1F1B without its bubble would still lose to the best plan so far)."""
         batch = self.problem.training.global_batch_size
+        virtuals = self.virtual_options(pp)
         best = float("inf")
         stale = 0
         for size in options:
             if batch // size < len(groups) * ep:
                 break
             found = float("inf")
-            for layout in self.layouts_for(groups, pp, ep, size):
-                evaluation = self.consider(layout)
-                if evaluation.fits:
-                    found = score(evaluation, self.placement)
+            plain: Evaluation | None = None
+            for virtual in virtuals:
+                if virtual > 1 and (plain is None or not self._may_gain(found, plain)):
                     break
+                with_virtual = float("inf")
+                for layout in self.layouts_for(groups, pp, ep, size, virtual):
+                    evaluation = self.consider(layout)
+                    if evaluation.fits:
+                        with_virtual = score(evaluation, self.placement)
+                        if virtual == 1:
+                            plain = evaluation
+                        break
+                if virtual > 1 and with_virtual >= found:
+                    break
+                found = min(found, with_virtual)
             if found < best:
                 best, stale = found, 0
             else:
@@ -688,3 +740,11 @@ class Searcher:
                 if stale >= _STALE_MICROBATCH_OPTIONS:
                     break
         return best
+
+    def _may_gain(self, plain_score: float, plain: Evaluation) -> bool:
+        """Whether interleaving the fitting 1F1B layout ``plain`` (scored
+        ``plain_score``) could beat the best plan so far: at best it removes the bubble."""
+        if self.best_key is None:
+            return True
+        step = plain.step
+        return plain_score * (step.total - step.bubble) / step.total < self.best_key[0]

@@ -59,6 +59,12 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
     assert degrees.tp == 1
     for replica in plan.replicas:  # torch's 1F1B refuses fewer microbatches than stages
         assert replica.num_microbatches >= degrees.pp, replica
+        if plan.virtual_stages > 1:  # interleaved 1F1B runs whole rounds of pp
+            assert degrees.pp > 1 and replica.num_microbatches % degrees.pp == 0, replica
+    assert len(plan.stages) == degrees.pp * plan.virtual_stages
+    for position in range(degrees.pp):
+        assert len(plan.stages_at(position)) == plan.virtual_stages
+        assert all(chunk.layers for chunk in plan.stages_at(position)) or plan.virtual_stages == 1
     by_node: dict[tuple[str, int], list[int]] = defaultdict(list)
     for rank in plan.ranks:
         pool = pools[rank.pool]
@@ -83,7 +89,7 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
         assert sorted(r.ep_rank for r in members) == list(range(degrees.ep))
         assert len({r.pool for r in members}) == 1, "EP group crosses pools"
         assert len({microbatches[r.dp_index] for r in members}) == 1
-        layers = plan.stages[stage].layers
+        layers = [layer for chunk in plan.stages_at(stage) for layer in chunk.layers]
         if any(model.is_moe_layer(layer) for layer in layers):
             hosted = set()
             for r in members:

@@ -93,3 +93,20 @@ def test_shipped_ling_lite_example_plans_on_the_reference_mix(capsys) -> None:
     assert main(argv) == 0
     plan = Plan.from_json(capsys.readouterr().out)
     assert {r.grade for r in plan.ranks} >= {"A", "D"}
+
+
+def test_interleaved_plan_renders_per_pipeline_position(capsys) -> None:
+    # The shipped example plans pp 2 with 4 virtual stages per position: the table
+    # looks ranks, memory and times up by position (stage % pp), not by stage.
+    argv = [
+        "plan",
+        "-f",
+        str(REPO / "examples/moejob-ling-lite.yaml"),
+        "--cluster",
+        str(REPO / "examples/clusters/reference-mix.yaml"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "virtual stages per position" in out
+    stage_rows = out.split("\nstages\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert len(stage_rows) > 2 and all("GiB" in row for row in stage_rows)

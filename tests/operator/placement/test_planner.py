@@ -29,7 +29,7 @@ def test_pins_are_honoured() -> None:
     plan = plan_job(TINY, training(), description, pins)
     check_plan(plan, description)
     assert (plan.parallel.pp, plan.parallel.dp, plan.parallel.ep) == (2, 2, 2)
-    assert plan.stages[0].layer_start == 0 and plan.stages[1].layer_end == 6
+    assert plan.stages[0].layer_start == 0 and plan.stages[-1].layer_end == 6
     experts = {tuple(r.experts) for r in plan.ranks}
     assert experts == {(0, 2, 4, 6), (1, 3, 5, 7)}
 
