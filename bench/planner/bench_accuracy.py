@@ -7,19 +7,29 @@ Run from the repository root:
 
 1. Profiles this CPU once with ``hetmoe profile``'s measurement (the tiny preset,
    one thread: what each torchrun worker gets; CPU time, so the machine's other
-   tenants do not distort it).
+   tenants do not distort it). The profile times the operation classes and the
+   trainer's real one-process step, and scales the classes to that step; the
+   multi-process layouts then test whether the calibrated model generalises.
 2. For each layout (dp1, dp2, dp2 with ep2, pp2 with the planner's uneven split,
    pp2 x dp2), writes a one-pool local cluster whose grade carries the profile's
    throughput shared by that layout's processes (``cores / processes`` each when the
-   processes outnumber the cores), plans the job with the layout pinned, and runs it
-   for real with ``hetmoe run`` (local mode, OMP_NUM_THREADS=1 as in the profile).
+   processes outnumber the cores; the cores are those two co-scheduled workers got
+   in the profile when fewer than the machine's), plans the job with the layout
+   pinned, and runs it for real with ``hetmoe run`` (local mode, OMP_NUM_THREADS=1
+   as in the profile).
    The profile includes gloo collective latency and bandwidth between two local
    processes; the plan uses them (latencies in the cost model's assumptions,
    bandwidth as the grade's link speed).
-3. Before each run, measures the cores the machine's other tenants leave free (busy
-   processes' CPU over wall time) and also predicts the same layout with the
-   profile shared over those instead of all cores ("predicted@free").
-4. Prints predicted vs measured step time (median over the steps after warm-up of
+3. Before each run, repeats the profile's co-scheduling probe (two workers
+   alternating compute and an all-reduce: the cores they get between them) and also
+   predicts the same layout with those cores instead of the profile's
+   ("predicted@free"; a single worker keeps a core of its own, as in the profile).
+4. Also predicts each layout from the operation classes alone with every core free,
+   as profiles did before they timed a real step and co-scheduled workers ("classes
+   only"), for a before/after in one run.
+5. Checks that ``hetmoe run`` ran the predicted plan (it plans again, with the cost
+   model's default assumptions): stage split, virtual stages and microbatching.
+6. Prints predicted vs measured step time (median over the steps after warm-up of
    every run, then the median of the runs; and the fastest step of all runs, the
    least disturbed like the profile's fastest repetition), ratios and load averages.
 
@@ -32,14 +42,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +58,7 @@ from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.api.model import PRESETS
 from hetmoe_operator.api.training import TrainingConfig
-from hetmoe_operator.cli.profile_command import make_profile
+from hetmoe_operator.cli.profile_command import make_profile, measure_communication
 from hetmoe_operator.placement.build import build_plan
 from hetmoe_operator.placement.checks import check_inputs
 from hetmoe_operator.placement.cost_model import Assumptions
@@ -58,9 +66,10 @@ from hetmoe_operator.placement.layout import Layout, Problem, evaluate
 from hetmoe_operator.placement.planner import expert_loads
 from hetmoe_operator.placement.profile import (
     DeviceProfile,
-    assumptions_with_communication,
+    assumptions_with_profile,
     grade_with_communication,
     shared_throughput,
+    throughput_from_seconds,
 )
 from hetmoe_operator.placement.search import Searcher
 from hetmoe_operator.plan import Plan
@@ -86,19 +95,13 @@ def load_average() -> tuple[float, float, float]:
     return os.getloadavg()
 
 
-def _spin(seconds: float) -> float:
-    wall, cpu = time.perf_counter(), time.process_time()
-    while time.perf_counter() - wall < seconds:
-        pass
-    return (time.process_time() - cpu) / (time.perf_counter() - wall)
-
-
-def free_cores(cores: int, seconds: float = 1.0) -> float:
-    """Cores a job gets right now: ``cores`` busy processes for ``seconds``, summing
-    their CPU over wall time (the machine's other tenants take the rest). The
-    profile's CPU seconds assume a core of one's own; this is what is left of them."""
-    with multiprocessing.Pool(cores) as pool:
-        return sum(pool.map(_spin, [seconds] * cores))
+def co_scheduled_cores() -> float:
+    """Cores two workers alternating compute and an all-reduce get right now: the
+    profile's own probe (``hetmoe profile``'s ``concurrentCores``), repeated before
+    each run because the machine's other tenants come and go."""
+    communication = measure_communication(10)
+    assert communication.concurrent_cores is not None
+    return communication.concurrent_cores
 
 
 def cluster_for(
@@ -122,14 +125,32 @@ def cluster_for(
     )
 
 
+def classes_only(profile: DeviceProfile) -> DeviceProfile:
+    """``profile`` as profiles were before they timed a real step and co-scheduled
+    workers: the operation classes as timed, every core assumed free."""
+    seconds = profile.seconds.model_copy(update={"step": None})
+    throughput = throughput_from_seconds(
+        profile.model, profile.sequence_length, seconds, profile.throughput.source
+    )
+    communication = profile.communication
+    if communication is not None:
+        communication = communication.model_copy(update={"concurrent_cores": None})
+    return profile.model_copy(
+        update={"seconds": seconds, "throughput": throughput, "communication": communication}
+    )
+
+
 def problem_for(
-    profile: DeviceProfile, training: TrainingConfig, cluster: ClusterDescription
+    profile: DeviceProfile,
+    training: TrainingConfig,
+    cluster: ClusterDescription,
+    processes: int,
+    cores: float | None = None,
 ) -> Problem:
-    """The planner's inputs with the profile's measured collective latencies in the
-    cost model's assumptions (``plan_job`` itself always uses the defaults)."""
-    assumptions = Assumptions()
-    if profile.communication is not None:
-        assumptions = assumptions_with_communication(profile.communication, assumptions)
+    """The planner's inputs with the profile's measured collective latencies and
+    per-step fixed seconds (shared like the throughput by ``processes`` on ``cores``)
+    in the cost model's assumptions (``plan_job`` itself always uses the defaults)."""
+    assumptions = assumptions_with_profile(profile, processes, cores, Assumptions())
     model = PRESETS["tiny"]
     return Problem(model, training, cluster, expert_loads(model, None), assumptions)
 
@@ -142,7 +163,7 @@ def plan_measured(
     name: str,
 ) -> tuple[Plan, Layout]:
     """``plan_job`` on :func:`problem_for`'s inputs, and the chosen layout."""
-    problem = problem_for(profile, training, cluster)
+    problem = problem_for(profile, training, cluster, sum(p.devices for p in cluster.pools))
     check_inputs(problem, spec)
     searcher = Searcher(problem, spec, None)
     searcher.run(float("inf"))
@@ -177,6 +198,26 @@ def job_manifest(name: str, pins: dict[str, int], steps: int, batch: int, seq: i
 
 class RunFailed(RuntimeError):
     """A real run exited non-zero; its run directory and output were kept."""
+
+
+def plan_shape(plan: Plan) -> dict[str, Any]:
+    """What decides a plan's step time besides the degrees: stage split, virtual stages
+    and microbatching."""
+    return {
+        "stage_layers": [[s.layer_start, s.layer_end] for s in plan.stages],
+        "virtual_stages": plan.virtual_stages,
+        "microbatch_size": plan.replicas[0].microbatch_size,
+        "microbatches": [r.num_microbatches for r in plan.replicas],
+    }
+
+
+def run_plan(run_dir: Path) -> Plan | None:
+    """The plan ``hetmoe run`` planned and ran (its plan ConfigMap), if found. It plans
+    with the cost model's default assumptions, not the profile's latencies and
+    per-step seconds, so its split or microbatching can differ from the predicted plan."""
+    for path in sorted(run_dir.glob("configmaps/*/plan.json")):
+        return Plan.from_json(path.read_text())
+    return None
 
 
 def run_once(
@@ -261,9 +302,10 @@ def main() -> int:
             manifest = job_manifest(f"acc{index}", pins, args.steps, args.batch, args.seq)
             job_file.write_text(yaml.safe_dump(manifest, sort_keys=False))
             medians, fastest, loads, stages, free = [], [], [], {}, []
+            ran: Plan | None = None
             for run in range(args.runs):
                 loads.append(load_average())
-                free.append(free_cores(profile.cores))
+                free.append(co_scheduled_cores())
                 try:
                     seconds, stages = run_once(
                         job_file, cluster_file, Path(tmp) / f"run{index}-{run}", kept
@@ -272,6 +314,7 @@ def main() -> int:
                     failures[f"{name} run {run}"] = str(error).splitlines()[0]
                     print(f"{name} run {run}: {error}", flush=True)
                     break  # deterministic so far (e.g. a plan the trainer rejects)
+                ran = run_plan(Path(tmp) / f"run{index}-{run}")
                 medians.append(statistics.median(seconds))
                 fastest.append(min(seconds))
             if not medians:
@@ -280,8 +323,15 @@ def main() -> int:
             best = min(fastest)
             predicted = plan.prediction.step_time.total
             cores_free = statistics.median(free)
-            shared = cluster_for(profile, devices, cores_free)
-            adjusted = evaluate(problem_for(profile, training, shared), layout).step.total
+            now = cores_free if devices > 1 else None
+            shared = cluster_for(profile, devices, now)
+            adjusted = evaluate(
+                problem_for(profile, training, shared, devices, now), layout
+            ).step.total
+            bare = classes_only(profile)
+            before = evaluate(
+                problem_for(bare, training, cluster_for(bare, devices), devices), layout
+            ).step.total
             layouts[name] = {
                 "devices": devices,
                 "degrees": plan.parallel.to_wire(),
@@ -297,9 +347,14 @@ def main() -> int:
                 "predicted_stage_s": predicted_stages(plan),
                 "measured_stage_s_last_run": stages,
                 "load_average_per_run": loads,
-                "free_cores_per_run": free,
+                "co_scheduled_cores_per_run": free,
                 "predicted_at_free_cores_s": adjusted,
                 "ratio_measured_over_predicted_at_free_cores": measured / adjusted,
+                "predicted_plan": plan_shape(plan),
+                "run_plan": plan_shape(ran) if ran is not None else None,
+                "run_plan_matches": ran is not None and plan_shape(ran) == plan_shape(plan),
+                "predicted_classes_only_s": before,
+                "ratio_measured_over_predicted_classes_only": measured / before,
             }
             rows.append(
                 [
@@ -315,6 +370,9 @@ def main() -> int:
                     f"{cores_free:.2f}",
                     f"{adjusted:.3f}",
                     f"{measured / adjusted:.2f}",
+                    f"{before:.3f}",
+                    f"{measured / before:.2f}",
+                    "yes" if ran is not None and plan_shape(ran) == plan_shape(plan) else "NO",
                     "/".join(f"{load[0]:.1f}" for load in loads),
                 ]
             )
@@ -334,9 +392,12 @@ def main() -> int:
         "ratio",
         "fastest step s",
         "ratio",
-        "free cores",
+        "co-sched. cores",
         "predicted@free s",
         "ratio",
+        "classes only s",
+        "ratio",
+        "run = predicted plan",
         "load (per run)",
     ]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
@@ -352,6 +413,8 @@ def main() -> int:
     report["layouts_run"] = len(ratios)
     at_free = [v["ratio_measured_over_predicted_at_free_cores"] for v in layouts.values()]
     report["at_free_cores_within_15_percent"] = sum(abs(r - 1) <= 0.15 for r in at_free)
+    bare = [v["ratio_measured_over_predicted_classes_only"] for v in layouts.values()]
+    report["classes_only_within_15_percent"] = sum(abs(r - 1) <= 0.15 for r in bare)
     text = json.dumps(report, indent=1)
     print("\n## JSON\n" + text)
     if args.json:

@@ -8,8 +8,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from hetmoe_operator.api.model import PRESETS
 from hetmoe_operator.cli.main import main
-from hetmoe_operator.cli.profile_command import _fit_link
+from hetmoe_operator.cli.profile_command import (
+    _fit_link,
+    concurrent_cores,
+    fit_step,
+    measure_step,
+)
+from hetmoe_operator.errors import UserError
 from hetmoe_operator.plan import Plan
 
 JOB = """
@@ -46,11 +53,16 @@ def test_profile_measures_every_operation_class(
     for name in ("attention", "expertFfn", "denseFfn", "embedding", "optimizer"):
         assert data["seconds"][name] > 0
         assert data["throughput"][name] > 0
+    step = data["seconds"]["step"]
+    assert step["perToken"] > 0 and step["perMicrobatch"] >= 0 and step["perStep"] >= 0
+    assert step["parameters"] == PRESETS["tiny"].total_params
+    assert "calibrated to a real step" in data["throughput"]["source"]
     communication = data["communication"]
     assert communication["backend"] == "gloo"
     for name in ("allReduce", "allToAll", "sendRecv"):
         assert communication[name]["latencySeconds"] > 0
         assert communication[name]["gbps"] > 0
+    assert 0 < communication["concurrentCores"] <= data["cores"]
 
 
 def test_link_fit_recovers_latency_and_bandwidth() -> None:
@@ -70,11 +82,67 @@ def test_link_fit_keeps_latency_positive_when_large_messages_are_noisy() -> None
     assert link.gbps > 0
 
 
-def test_profile_can_skip_communication(tmp_path: Path) -> None:
+def _line(per_token: float, per_microbatch: float, per_step: float) -> list[tuple[int, int, float]]:
+    shapes = [(64, 1), (256, 1), (1024, 1), (64, 4), (256, 4)]
+    return [(t, k, per_step + k * (per_microbatch + t * per_token)) for t, k in shapes]
+
+
+def test_step_fit_recovers_tokens_microbatches_and_step() -> None:
+    step = fit_step(_line(50e-6, 20e-3, 7e-3), 1000)
+    assert step.per_token == pytest.approx(50e-6)
+    assert step.per_microbatch == pytest.approx(20e-3)
+    assert step.per_step == pytest.approx(7e-3)
+    assert step.parameters == 1000
+
+
+def test_step_fit_drops_a_term_noise_would_make_negative() -> None:
+    # Four microbatches timed as fast as one of the same total size: no per-microbatch
+    # term, the intercept carries the fixed time.
+    points = [(t, k, 10e-3 + k * t * 50e-6) for t, k in [(64, 1), (256, 1), (1024, 1), (64, 4)]]
+    points.append((256, 4, 0.9 * (10e-3 + 4 * 256 * 50e-6)))
+    step = fit_step(points, 1000)
+    assert step.per_microbatch == 0.0
+    assert step.per_token > 0 and step.per_step > 0
+
+
+def test_step_fit_without_any_positive_slope_uses_the_largest_step() -> None:
+    points = [(64, 1, 0.10), (256, 1, 0.05), (1024, 1, 0.01), (64, 4, 0.10), (256, 4, 0.01)]
+    step = fit_step(points, 1000)
+    assert step.per_token > 0 and step.per_microbatch >= 0 and step.per_step >= 0
+
+
+@pytest.mark.parametrize(
+    ("cpu", "wall", "cores"),
+    [
+        (2.0, 1.1, 2.0),  # both computed all the time: two cores
+        (1.0, 1.1, 1.0),  # half the time each: they shared one core
+        (4.0, 1.1, 2.0),  # never more than the machine has
+        (0.0, 0.05, 0.01),  # a broken probe still gives a positive figure
+    ],
+)
+def test_concurrent_cores_is_compute_over_wall_time_less_latency(
+    cpu: float, wall: float, cores: float
+) -> None:
+    assert concurrent_cores(cpu, wall, 10, 0.01, 2) == pytest.approx(cores)
+
+
+def test_step_timing_refuses_to_run_inside_a_process_group() -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with pytest.raises(UserError, match="inside a running job"):
+            measure_step(PRESETS["tiny"], 64, 1, 1)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_profile_can_skip_communication(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "cpu.yaml"
     args = ["profile", "--repeats", "1", "--microbatch-size", "1", "--no-communication"]
     assert main([*args, "-o", str(path)]) == 0
     assert yaml.safe_load(path.read_text()).get("communication") is None
+    assert "real step (one process):" in capsys.readouterr().out
 
 
 def _plan(tmp_path: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> Plan:
@@ -102,9 +170,12 @@ def test_plan_uses_the_profile_and_shares_cores(
     assert catalog.prediction and alone.prediction and shared.prediction
     assert any("measured effective TFLOPS" in line for line in alone.prediction.assumptions)
     assert alone.prediction.step_time.total != catalog.prediction.step_time.total
-    # Four single-threaded workers on two cores: each computes at half speed.
+    # Four single-threaded workers on two cores: each computes at half speed, or
+    # slower when two co-scheduled workers got fewer cores in the profile.
+    data = yaml.safe_load(profile_file.read_text())
+    cores = min(data["cores"], data["communication"]["concurrentCores"])
     ratio = shared.prediction.step_time.compute / alone.prediction.step_time.compute
-    assert ratio == pytest.approx(2.0, rel=1e-6)
+    assert ratio == pytest.approx(4 / cores, rel=1e-6)
 
 
 @pytest.mark.parametrize(

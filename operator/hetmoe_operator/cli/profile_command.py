@@ -4,15 +4,24 @@ Runs the bundled trainer model (one process, every layer and expert local) and t
 forward + backward of each operation class the planner's cost model knows: one
 layer's attention block, one MoE block, one dense FFN block, embedding + LM head +
 loss, and one AdamW step, each at two microbatch sizes (seconds per token plus fixed
-seconds per microbatch), in CPU time. The medians become a profile file
-(``DeviceProfile``) whose effective TFLOP/s a catalog grade can carry as ``measured``
-(printed as a snippet) or ``hetmoe plan --profile GRADE=FILE`` can apply, instead of
-peak x efficiency.
+seconds per microbatch), in CPU time. Classes in isolation miss part of a real step
+(autograd over the whole model, activations of every layer in the caches, the loss,
+the gradient norm, statistics, anomaly detector, bookkeeping), so it also times the
+trainer's own ``Trainer.train_step`` in one process at five shapes (one microbatch
+of 1x, 4x and 16x ``--microbatch-size``, four of 1x and 4x) and fits seconds per
+token, per microbatch and per step (``StepSeconds``); the classes are scaled to
+reproduce it. The medians become a profile file (``DeviceProfile``) whose effective
+TFLOP/s a catalog grade can carry as ``measured`` (printed as a snippet) or
+``hetmoe plan --profile GRADE=FILE`` can apply, instead of peak x efficiency.
 
 It also times, in wall-clock seconds, gloo ``all_reduce``, ``all_to_all_single`` and
 one-way ``send``/``recv`` between two spawned local processes at three message sizes
 and fits ``latency + bytes / bandwidth`` to each (``CommunicationProfile``): on a CPU a
 collective costs around a millisecond, not the catalog default's tens of microseconds.
+The same two processes then alternate compute bursts and an all-reduce, as workers
+do, and report how many cores they got between them (``concurrent_cores``): on a
+machine shared with other tenants two workers may get one core, so every collective
+waits for the peer's compute.
 
 torch and the trainer are imported only when the command runs: the rest of the CLI
 does not need them.
@@ -42,6 +51,7 @@ from hetmoe_operator.placement.profile import (
     DeviceProfile,
     LinkFit,
     OperationSeconds,
+    StepSeconds,
     shared_throughput,
     throughput_from_seconds,
 )
@@ -66,7 +76,8 @@ def register(subparsers: Any) -> None:
         "--microbatch-size",
         type=int,
         default=1,
-        help="sequences per microbatch (also timed at 4x this, to separate fixed costs)",
+        help="sequences per microbatch (also timed at 4x this, to separate fixed costs; "
+        "the real step also at 16x)",
     )
     parser.add_argument(
         "--threads", type=int, default=1, help="torch threads (torchrun workers use 1)"
@@ -132,7 +143,171 @@ def measure(
         **{name: slope for name, (slope, _) in fitted.items()},
         **{f"{name}_fixed": fixed for name, (_, fixed) in fitted.items()},
         optimizer=min(small["optimizer"], large["optimizer"]),
+        step=measure_step(model, sequence_length, microbatch_size, repeats),
     )
+
+
+STEP_SHAPES = ((1, 1), (4, 1), (16, 1), (1, 4), (4, 4))
+"""(microbatch size in units of ``--microbatch-size``, microbatches) of the timed real
+steps: one microbatch from 1x to 16x (plans on a CPU pick up to 16 sequences per
+microbatch, and the slope is not quite constant over that range) and four
+microbatches at two sizes (separating per-microbatch from per-step seconds)."""
+
+
+def fit_step(points: list[tuple[int, int, float]], parameters: int) -> StepSeconds:
+    """Least-squares line ``per_step + k x (per_microbatch + tokens x per_token)``
+    through ``(tokens per microbatch, microbatches k, seconds)`` points, in relative
+    error (small and large steps count alike). Noise that would make a term negative
+    drops it: the best fit with only non-negative terms (and a positive slope) wins."""
+    rows = [((k * tokens, k, 1.0), seconds) for tokens, k, seconds in points]
+    best: tuple[float, list[float]] | None = None
+    for terms in ((0, 1, 2), (0, 1), (0, 2), (0,)):
+        coefficients = _least_squares(
+            [([x[i] / y for i in terms], 1.0) for x, y in rows], len(terms)
+        )
+        if coefficients is None or coefficients[0] <= 0 or min(coefficients) < 0:
+            continue
+        full = [0.0, 0.0, 0.0]
+        for i, value in zip(terms, coefficients, strict=True):
+            full[i] = value
+        error = sum(
+            (sum(f * v for f, v in zip(full, x, strict=True)) / y - 1) ** 2 for x, y in rows
+        )
+        if best is None or error < best[0] - 1e-15:
+            best = (error, full)
+    if best is None:  # no positive slope fits: the largest step's average
+        tokens, k, seconds = max(points, key=lambda p: p[0] * p[1])
+        best = (0.0, [seconds / (tokens * k), 0.0, 0.0])
+    per_token, per_microbatch, per_step = best[1]
+    return StepSeconds(
+        per_token=per_token,
+        per_microbatch=per_microbatch,
+        per_step=per_step,
+        parameters=parameters,
+    )
+
+
+def _least_squares(rows: list[tuple[list[float], float]], n: int) -> list[float] | None:
+    """Solution of the normal equations of ``rows`` (features, target), or None when
+    they are singular."""
+    matrix = [[sum(x[i] * x[j] for x, _ in rows) for j in range(n)] for i in range(n)]
+    vector = [sum(x[i] * y for x, y in rows) for i in range(n)]
+    for col in range(n):
+        pivot = max(range(col, n), key=lambda r: abs(matrix[r][col]))
+        if abs(matrix[pivot][col]) < 1e-300:
+            return None
+        matrix[col], matrix[pivot] = matrix[pivot], matrix[col]
+        vector[col], vector[pivot] = vector[pivot], vector[col]
+        for row in range(n):
+            if row != col:
+                factor = matrix[row][col] / matrix[col][col]
+                matrix[row] = [
+                    a - factor * b for a, b in zip(matrix[row], matrix[col], strict=True)
+                ]
+                vector[row] -= factor * vector[col]
+    return [vector[i] / matrix[i][i] for i in range(n)]
+
+
+def measure_step(
+    model: ModelArchitecture, sequence_length: int, microbatch_size: int, repeats: int
+) -> StepSeconds:
+    """The trainer's real step in this process (a one-rank gloo group) at the shapes
+    of ``STEP_SHAPES``. The trainers take turns step by step, so a change in the
+    machine's load while measuring shifts all shapes alike instead of tilting the fit."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        raise UserError("hetmoe profile cannot time a training step inside a running job")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with tempfile.TemporaryDirectory(prefix="hetmoe-profile-step-") as tmp:
+            trainers = [
+                _trainer(model, sequence_length, size * microbatch_size, count, Path(tmp) / str(i))
+                for i, (size, count) in enumerate(STEP_SHAPES)
+            ]
+            seconds = _interleaved_cpu_seconds([t.train_step for t in trainers], repeats)
+            parameters = sum(p.numel() for p in trainers[0].stage.parameters())
+    finally:
+        dist.destroy_process_group()
+    points = [
+        (size * microbatch_size * sequence_length, count, timed)
+        for (size, count), timed in zip(STEP_SHAPES, seconds, strict=True)
+    ]
+    return fit_step(points, parameters)
+
+
+def _interleaved_cpu_seconds(calls: list[Callable[[], None]], repeats: int) -> list[float]:
+    """Median CPU seconds of each call, the calls taking turns (see ``_cpu_seconds``)."""
+    for _ in range(_WARMUP):
+        for call in calls:
+            call()
+    times: list[list[float]] = [[] for _ in calls]
+    for _ in range(repeats):
+        for call, seconds in zip(calls, times, strict=True):
+            start = time.process_time()
+            call()
+            seconds.append(time.process_time() - start)
+    return [statistics.median(seconds) for seconds in times]
+
+
+def _trainer(
+    model: ModelArchitecture,
+    sequence_length: int,
+    microbatch_size: int,
+    microbatches: int,
+    checkpoint_dir: Path,
+) -> Any:
+    """A one-process ``Trainer`` of the whole model with ``microbatches`` microbatches of
+    ``microbatch_size`` sequences (synthetic data, no checkpoints, no metrics server)."""
+    from hetmoe_operator.plan import ParallelDegrees, Plan, RankPlan, ReplicaPlan, StagePlan
+    from hetmoe_trainer.distributed import build_context, pick_device
+    from hetmoe_trainer.loop import Trainer, TrainerOptions
+
+    batch = microbatch_size * microbatches
+    plan = Plan(
+        model=model,
+        training=TrainingConfig(
+            steps=10**6, global_batch_size=batch, sequence_length=sequence_length
+        ),
+        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
+        stages=[
+            StagePlan(
+                index=0,
+                layer_start=0,
+                layer_end=model.num_hidden_layers,
+                has_embedding=True,
+                has_head=True,
+            )
+        ],
+        replicas=[
+            ReplicaPlan(
+                dp_index=0,
+                samples_per_step=batch,
+                microbatch_size=microbatch_size,
+                num_microbatches=microbatches,
+            )
+        ],
+        ranks=[
+            RankPlan(
+                rank=0,
+                pool="local",
+                grade="cpu",
+                node_slot=0,
+                local_rank=0,
+                stage=0,
+                dp_index=0,
+                ep_group=0,
+                ep_rank=0,
+                experts=list(range(model.num_experts)),
+            )
+        ],
+    )
+    options = TrainerOptions(
+        checkpoint_dir=checkpoint_dir, checkpoint_interval=10**9, peak_flops=1.0
+    )
+    return Trainer(build_context(plan, 0, pick_device(0)), options)
 
 
 def _measure_once(
@@ -262,10 +437,53 @@ def _time_primitives(rank: int, port: int, repeats: int, out: str) -> None:
                     times.append(time.perf_counter() - start)
                 seconds = statistics.median(times) / (2 if name == "p2p" else 1)
                 results[name].append([float(x.numel() * 4), seconds])
+        latency = results["all_reduce"][0][1]
+        cpu, wall, rounds = _co_scheduled(repeats)
         if rank == 0:
-            Path(out).write_text(json.dumps(results))
+            cores = concurrent_cores(cpu, wall, rounds, latency, os.cpu_count() or 1)
+            Path(out).write_text(json.dumps({**results, "concurrent_cores": cores}))
     finally:
         dist.destroy_process_group()
+
+
+_BURST_MATMULS = 40
+"""Matmuls (96 x 96) per compute burst of the co-scheduling probe: a few milliseconds,
+like one layer's work of a small model between two collectives."""
+
+
+def _co_scheduled(repeats: int) -> tuple[float, float, int]:
+    """(CPU seconds of both ranks' compute, wall seconds, rounds) of rounds of equal
+    compute bursts each followed by a small all-reduce, as workers alternate compute
+    and collectives. Each collective waits for the peer's burst: if the peer was
+    descheduled, the wall time grows while the compute's CPU time does not."""
+    import torch
+    import torch.distributed as dist
+
+    rounds = 2 * repeats
+    weights = torch.randn(96, 96) / 96**0.5
+    flag = torch.ones(4)
+    dist.barrier()
+    cpu = 0.0
+    start = time.perf_counter()
+    for _ in range(rounds):
+        begin = time.process_time()
+        a = weights
+        for _ in range(_BURST_MATMULS):
+            a = torch.tanh(a @ weights)
+        cpu += time.process_time() - begin
+        dist.all_reduce(flag)
+    wall = time.perf_counter() - start
+    total = torch.tensor([cpu], dtype=torch.float64)
+    dist.all_reduce(total)
+    return float(total.item()), wall, rounds
+
+
+def concurrent_cores(cpu: float, wall: float, rounds: int, latency: float, cores: int) -> float:
+    """Cores the probe's processes got between them: their compute's CPU seconds over
+    the wall time less the collectives' own latency, at most the machine's cores (and
+    at least a sliver, so a broken probe never divides by zero)."""
+    busy = max(wall - rounds * latency, 1e-9)
+    return min(float(cores), max(cpu / busy, 0.01))
 
 
 def _fit_link(points: list[list[float]], moved: float) -> LinkFit:
@@ -311,6 +529,7 @@ def measure_communication(repeats: int) -> CommunicationProfile:
         all_reduce=_fit_link(results["all_reduce"], 2.0 * (n - 1) / n),
         all_to_all=_fit_link(results["all_to_all"], (n - 1) / n),
         send_recv=_fit_link(results["p2p"], 1.0),
+        concurrent_cores=results["concurrent_cores"],
     )
 
 
@@ -404,12 +623,27 @@ def run(args: argparse.Namespace) -> int:
             value = f"{seconds * 1e6:.3f}"
             fixed = f"{getattr(profile.seconds, f'{name}_fixed') * 1e3:.3f}"
         print(f"{name:<12} {value:>20} {fixed:>20} {getattr(profile.throughput, name):>18.5f}")
+    step = profile.seconds.step
+    if step is not None:
+        per_token, fixed = profile.seconds.class_totals(profile.model)
+        print(
+            f"\nreal step (one process): {step.per_token * 1e6:.3f} us/token "
+            f"(classes: {per_token * 1e6:.3f}), {step.per_microbatch * 1e3:.3f} ms/microbatch "
+            f"(classes: {fixed * 1e3:.3f}), {step.per_step * 1e3:.3f} ms/step "
+            f"(optimizer class: {step.parameters * profile.seconds.optimizer * 1e3:.3f}); "
+            "the effective TFLOP/s above are the classes scaled to the real step"
+        )
     comm = profile.communication
     if comm is not None:
         print(f"\n{'collective (' + comm.backend + ')':<20} {'latency us':>12} {'GB/s':>10}")
         for name in ("all_reduce", "all_to_all", "send_recv"):
             link = getattr(comm, name)
             print(f"{name:<20} {link.latency_seconds * 1e6:>12.1f} {link.gbps:>10.3f}")
+        if comm.concurrent_cores is not None:
+            print(
+                f"two workers alternating compute and all-reduce got "
+                f"{comm.concurrent_cores:.2f} of {profile.cores} cores"
+            )
     if args.output:
         args.output.write_text(profile_yaml(profile))
         print(f"wrote {args.output}")

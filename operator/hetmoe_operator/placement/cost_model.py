@@ -49,6 +49,10 @@ class Assumptions:
     overlap_communication: bool = True
     """Model a runtime that overlaps communication with compute (see ``describe``);
     False charges every transfer fully exposed."""
+    step_fixed_s: float = 0.0
+    """Seconds per step every rank spends outside microbatches beyond the optimizer's
+    per-parameter time (gradient norm, anomaly detector, bookkeeping); 0 unless a
+    profile measured it (``profile.step_fixed_seconds``)."""
 
     def _overlap_lines(self) -> list[str]:
         if not self.overlap_communication:
@@ -82,6 +86,9 @@ class Assumptions:
             f"{self.collective_latency_s * 1e6:g} us per collective",
             f"optimizer: {self.optimizer_flops_per_param:g} FLOPs per parameter at the "
             "catalog's optimizer efficiency",
+            f"per step on every rank: {self.step_fixed_s * 1e3:g} ms fixed (measured) plus "
+            "one statistics all-reduce over the world and one expert-load all-reduce over a "
+            "MoE stage's data-parallel group, each at the collective latency",
             "1F1B schedule: stage i keeps min(pp - i, microbatches) microbatches in flight",
             "FLOPs: 2 x parameters touched per token, plus causal attention scores",
         ]
@@ -195,6 +202,18 @@ class GradeProfile:
             self.dense_prefix[end] - self.dense_prefix[start],
             self.expert_prefix[end] - self.expert_prefix[start],
         )
+
+
+def step_overhead_seconds(
+    assumptions: Assumptions, world: int, dp: int, moe_stage: bool
+) -> tuple[float, float]:
+    """(fixed seconds, collective seconds) every rank spends once per step besides its
+    microbatches, gradient sync and optimizer: the measured per-step fixed time, and the
+    trainer's per-step collectives at the collective latency. The statistics all-reduce
+    runs when there is more than one process; the expert-load all-reduce when a stage
+    with MoE layers has more than one data-parallel replica."""
+    collectives = int(world > 1) + int(dp > 1 and moe_stage)
+    return assumptions.step_fixed_s, collectives * assumptions.collective_latency_s
 
 
 def ring_seconds(participants: int, payload_bytes: float, gbps: float, latency: float) -> float:

@@ -19,7 +19,7 @@ from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
-from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile
+from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile, step_overhead_seconds
 from hetmoe_operator.placement.experts import ExpertPlacement, balanced_placement
 from hetmoe_operator.placement.memory import (
     MemoryModel,
@@ -517,6 +517,14 @@ def _exposed_sync(
     return exposed
 
 
+def _step_overhead(problem: Problem, layout: Layout) -> tuple[float, float]:
+    """(fixed, collective) seconds every rank spends once per step outside its
+    microbatches, gradient sync and optimizer (see ``step_overhead_seconds``)."""
+    moe = problem.memory.moe_layers
+    moe_stage = any(moe[layout.bounds[s + 1]] > moe[layout.bounds[s]] for s in range(layout.pp))
+    return step_overhead_seconds(problem.assumptions, layout.pp * layout.dp, layout.dp, moe_stage)
+
+
 def evaluate(problem: Problem, layout: Layout) -> Evaluation:
     """Predicted step time, throughput, cost and memory of ``layout``.
 
@@ -549,6 +557,7 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
             worst = (seconds, m, vectors)
     assert worst is not None
     sync, optimizer = _sync_and_optimizer(problem, layout)
+    step_fixed, step_collectives = _step_overhead(problem, layout)
     _, m, vectors = worst
     steady = [v.steady(tokens, overlap) for v in vectors]
     fill = [v.fill(tokens) for v in vectors]
@@ -564,9 +573,10 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
         bubble=(total_s - max(steady)) / layout.virtual,
         communication=work * communication / total_s
         + max(0.0, sum(fill) - total_s / layout.virtual)
-        + _exposed_sync(problem, layout, sync, vectors, tokens),
+        + _exposed_sync(problem, layout, sync, vectors, tokens)
+        + step_collectives,
         imbalance=work * excess / total_s + m * (max(steady) - mean_s),
-        optimizer=optimizer,
+        optimizer=optimizer + step_fixed,
     )
     used = layout.devices_per_pool()
     cost = sum(problem.pools[p].grade.price_per_hour * n for p, n in used.items())

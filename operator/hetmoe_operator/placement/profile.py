@@ -9,9 +9,21 @@ per class (:class:`~hetmoe_operator.api.catalog.MeasuredThroughput`), so that th
 planner predicts exactly the measured times for the profiled model and scales them
 by FLOPs for another one.
 
+Operation classes timed in isolation miss what a real training step also does:
+autograd across the whole model, activations of every layer competing for the caches,
+residual adds, the loss, and per step the gradient norm, the statistics all-reduce,
+the anomaly detector and bookkeeping (on the tiny model on a CPU the classes alone
+predicted 0.6-0.7x of a measured step). A profile therefore also times the trainer's
+own step in one process (:class:`StepSeconds`); :func:`throughput_from_seconds` scales
+the classes so that their sums reproduce that step's seconds per token and per
+microbatch (the split between classes stays the isolated timings'), and
+:func:`step_fixed_seconds` is the per-step remainder beyond the optimizer.
+
 Several worker processes sharing the cores of one machine (local mode: 4 processes
 on 2 cores) each get a fraction of the measured speed; :func:`shared_throughput`
-divides by processes per core, which is the honest figure for such a "device".
+divides by processes per core, which is the honest figure for such a "device". The
+cores are the machine's, or fewer when the profile measured that two workers
+alternating compute and collectives got fewer (other tenants on a shared machine).
 """
 
 from __future__ import annotations
@@ -28,6 +40,23 @@ from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.placement.cost_model import Assumptions, head_flops, layer_flops
 
 PROFILE_API_VERSION: Final = "hetmoe.io/profile/v1"
+
+
+class StepSeconds(ApiModel):
+    """One real ``Trainer.train_step`` of the bundled trainer in one process (data,
+    forward + backward of every microbatch, gradient norm, the statistics all-reduce,
+    anomaly detector, AdamW, bookkeeping), CPU seconds as a line over tokens and
+    microbatches, fitted by least squares over steps of one and of four microbatches
+    of several sizes (``hetmoe profile``)."""
+
+    per_token: float = Field(gt=0)
+    """Forward + backward seconds per token of the whole model (the slope)."""
+    per_microbatch: float = Field(ge=0)
+    """Fixed seconds per microbatch of the whole model (launch and autograd overhead)."""
+    per_step: float = Field(ge=0)
+    """Fixed seconds per step: the optimizer and everything else outside microbatches."""
+    parameters: int = Field(ge=1)
+    """Parameters of the timed model (what its optimizer stepped)."""
 
 
 class OperationSeconds(ApiModel):
@@ -53,6 +82,50 @@ class OperationSeconds(ApiModel):
     """Same, one dense FFN block."""
     embedding_fixed: float = Field(default=0, ge=0)
     """Same, embedding, LM head and loss."""
+    step: StepSeconds | None = None
+    """The real one-process step the classes are calibrated to (absent in profiles
+    written before it was measured: the classes are then used as timed)."""
+
+    def class_totals(self, model: ModelArchitecture) -> tuple[float, float]:
+        """(seconds per token, fixed seconds per microbatch) of the whole model as the
+        sum of its classes: every layer's attention, its MoE or dense FFN, the head."""
+        moe = sum(model.is_moe_layer(i) for i in range(model.num_hidden_layers))
+        dense = model.num_hidden_layers - moe
+        layers = model.num_hidden_layers
+        per_token = (
+            layers * self.attention
+            + moe * self.expert_ffn
+            + dense * self.dense_ffn
+            + self.embedding
+        )
+        fixed = (
+            layers * self.attention_fixed
+            + moe * self.expert_ffn_fixed
+            + dense * self.dense_ffn_fixed
+            + self.embedding_fixed
+        )
+        return per_token, fixed
+
+    def calibrated(self, model: ModelArchitecture) -> OperationSeconds:
+        """The classes scaled so that their whole-model sums equal the real step's
+        seconds per token and per microbatch (unchanged without a ``step``). Without
+        any measured fixed seconds the step's per-microbatch time is spread over the
+        layers' attention blocks (every layer has one)."""
+        if self.step is None:
+            return self
+        per_token, fixed = self.class_totals(model)
+        token_scale = self.step.per_token / per_token
+        update = {
+            name: getattr(self, name) * token_scale
+            for name in ("attention", "expert_ffn", "dense_ffn", "embedding")
+        }
+        if fixed > 0:
+            fixed_scale = self.step.per_microbatch / fixed
+            for name in ("attention", "expert_ffn", "dense_ffn", "embedding"):
+                update[f"{name}_fixed"] = getattr(self, f"{name}_fixed") * fixed_scale
+        else:
+            update["attention_fixed"] = self.step.per_microbatch / model.num_hidden_layers
+        return self.model_copy(update=update)
 
 
 class LinkFit(ApiModel):
@@ -82,6 +155,10 @@ class CommunicationProfile(ApiModel):
     """``all_to_all_single`` (MoE dispatch and combine)."""
     send_recv: LinkFit
     """One-way ``send``/``recv`` (stage-to-stage activations)."""
+    concurrent_cores: float | None = Field(default=None, gt=0)
+    """Cores the two processes got between them while alternating compute and an
+    all-reduce, as workers do (absent in older profiles). Below the machine's cores
+    when other tenants take them: co-located workers then share what is left."""
 
 
 class DeviceProfile(ApiModel):
@@ -120,8 +197,17 @@ def throughput_from_seconds(
     assumptions: Assumptions | None = None,
 ) -> MeasuredThroughput:
     """Effective TFLOP/s per class: the cost model's forward + backward FLOPs per token
-    divided by the measured seconds per token (so predictions reproduce them)."""
+    divided by the measured seconds per token (so predictions reproduce them), after
+    calibrating the classes to the real step when one was measured
+    (:meth:`OperationSeconds.calibrated`)."""
     a = assumptions or Assumptions()
+    if seconds.step is not None:
+        per_token, fixed = seconds.class_totals(model)
+        source += (
+            f"; classes calibrated to a real step: x{seconds.step.per_token / per_token:.2f} "
+            f"per token, x{seconds.step.per_microbatch / fixed if fixed else 0:.2f} fixed"
+        )
+        seconds = seconds.calibrated(model)
     passes = 1.0 + a.backward_factor
     moe = next(i for i in range(model.num_hidden_layers) if model.is_moe_layer(i))
     moe_flops = layer_flops(model, moe, sequence_length)
@@ -140,6 +226,22 @@ def throughput_from_seconds(
     )
 
 
+def worker_cores(profile: DeviceProfile, processes: int) -> float:
+    """Cores ``processes`` co-located workers share: the machine's, or fewer when
+    the profile measured that concurrent workers got fewer (``concurrent_cores``; a
+    single worker is assumed to get a core of its own, as the CPU-time profile did)."""
+    measured = profile.communication.concurrent_cores if profile.communication else None
+    if processes > 1 and measured is not None:
+        return min(float(profile.cores), measured)
+    return float(profile.cores)
+
+
+def _share(profile: DeviceProfile, processes: int, cores: float | None) -> float:
+    """Fraction of a core per thread each of ``processes`` workers gets (at most 1)."""
+    cores = worker_cores(profile, processes) if cores is None else cores
+    return min(1.0, cores / (processes * profile.threads))
+
+
 def shared_throughput(
     profile: DeviceProfile, processes: int, cores: float | None = None
 ) -> MeasuredThroughput:
@@ -147,11 +249,12 @@ def shared_throughput(
     on the profiled machine gets: the profile's speed when they have a core per
     thread, else that speed x cores / (processes x threads). ``cores`` overrides the
     profile's core count, e.g. with the cores other tenants leave free on a shared
-    machine (the profile's CPU seconds assume a core of one's own)."""
-    cores = profile.cores if cores is None else cores
-    share = min(1.0, cores / (processes * profile.threads))
+    machine (the profile's CPU seconds assume a core of one's own); without it,
+    :func:`worker_cores`."""
+    cores = worker_cores(profile, processes) if cores is None else cores
+    share = _share(profile, processes, cores)
     t = profile.throughput
-    note = f"; shared by {processes} processes on {cores:g} cores" if share < 1 else ""
+    note = f"; shared by {processes} processes on {cores:.3g} cores" if share < 1 else ""
     return MeasuredThroughput(
         attention=t.attention * share,
         expert_ffn=t.expert_ffn * share,
@@ -164,6 +267,35 @@ def shared_throughput(
         embedding_fixed_seconds=t.embedding_fixed_seconds / share,
         source=t.source + note,
     )
+
+
+def step_fixed_seconds(
+    profile: DeviceProfile, processes: int = 1, cores: float | None = None
+) -> float:
+    """Seconds per step every worker spends outside its microbatches beyond the
+    optimizer's per-parameter time (gradient norm, statistics, anomaly detector,
+    Python bookkeeping): the real step's fixed seconds less the optimizer class over
+    its parameters, stretched like :func:`shared_throughput` when ``processes``
+    outnumber the cores. 0 for profiles without a measured step."""
+    step = profile.seconds.step
+    if step is None:
+        return 0.0
+    remainder = max(0.0, step.per_step - step.parameters * profile.seconds.optimizer)
+    return remainder / _share(profile, processes, cores)
+
+
+def assumptions_with_profile(
+    profile: DeviceProfile,
+    processes: int = 1,
+    cores: float | None = None,
+    assumptions: Assumptions | None = None,
+) -> Assumptions:
+    """``assumptions`` with what the profile measured: collective latencies (see
+    :func:`assumptions_with_communication`) and the per-step fixed seconds."""
+    a = assumptions or Assumptions()
+    if profile.communication is not None:
+        a = assumptions_with_communication(profile.communication, a)
+    return replace(a, step_fixed_s=step_fixed_seconds(profile, processes, cores))
 
 
 def with_profile(grade: DeviceGrade, throughput: MeasuredThroughput) -> DeviceGrade:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from hetmoe_operator.api.model import PRESETS
@@ -13,6 +15,7 @@ from hetmoe_operator.placement.cost_model import (
     layer_dense_params,
     layer_flops,
     ring_seconds,
+    step_overhead_seconds,
 )
 
 from .helpers import grade
@@ -76,3 +79,23 @@ def test_ring_collective_moves_twice_the_payload_asymptotically() -> None:
 def test_assumptions_are_listed() -> None:
     text = "\n".join(Assumptions().describe())
     assert "ZeRO-1" in text and "headroom" in text and "1F1B" in text
+
+
+@pytest.mark.parametrize(
+    ("world", "dp", "moe_stage", "collectives"),
+    [(1, 1, True, 0), (2, 1, True, 1), (2, 2, False, 1), (2, 2, True, 2), (4, 2, True, 2)],
+)
+def test_step_overhead_counts_the_trainers_per_step_collectives(
+    world: int, dp: int, moe_stage: bool, collectives: int
+) -> None:
+    """The statistics all-reduce needs a second process; the expert-load all-reduce a
+    MoE stage with a second replica."""
+    a = replace(Assumptions(), step_fixed_s=4e-3, collective_latency_s=1e-3)
+    fixed, latency = step_overhead_seconds(a, world, dp, moe_stage)
+    assert fixed == pytest.approx(4e-3)
+    assert latency == pytest.approx(collectives * 1e-3)
+
+
+def test_default_assumptions_charge_no_per_step_fixed_time() -> None:
+    assert step_overhead_seconds(Assumptions(), 1, 1, True) == (0.0, 0.0)
+    assert any("per step on every rank: 0 ms" in line for line in Assumptions().describe())
