@@ -109,6 +109,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--grad-bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size, MiB"
     )
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="regional torch.compile of each layer's attention half and dense/shared FFN "
+        "(costs compile time at start and after every restart)",
+    )
+    parser.add_argument(
         "--inject-fault",
         action="append",
         default=[],
@@ -188,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         simulated_slowdown=slowdown,
         overlap_grad_sync={"auto": None, "on": True, "off": False}[args.grad_overlap],
         grad_bucket_bytes=max(1, int(args.grad_bucket_mb * (1 << 20))),
+        compile=args.compile,
     )
     code = Trainer(context, options).run()
     dist.destroy_process_group()

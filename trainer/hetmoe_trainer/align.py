@@ -57,6 +57,7 @@ from hetmoe_operator.api.model import PRESETS, ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_operator.plan import StagePlan
 from hetmoe_trainer.model import ExpertParallel, Stage, build_stage
+from hetmoe_trainer.model.experts import per_expert_tensors
 from hetmoe_trainer.model.init import cpu_generator
 
 FINGERPRINT_PROJECTIONS = 4
@@ -162,8 +163,21 @@ def collect(model: nn.Module, tokens: torch.Tensor, *, step: int = 0) -> dict[st
         loss.backward()
     finally:
         recorder.close()
-    grads = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
-    return _with_stats(loss.item(), recorder.forward, recorder.backward, grads)
+    return _with_stats(loss.item(), recorder.forward, recorder.backward, parameter_grads(model))
+
+
+def parameter_grads(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Parameter gradients by name, routed experts per expert (global ids, as on disk).
+
+    Per expert rather than per stacked tensor, so runs hosting different experts per
+    rank compare (and merge) expert by expert.
+    """
+    return [
+        (name, grad)
+        for full, p in model.named_parameters()
+        if p.grad is not None
+        for name, grad in per_expert_tensors(model, full, p.grad)
+    ]
 
 
 def fixed_batch(arch: ModelArchitecture, batch: int, seq: int, seed: int) -> torch.Tensor:
@@ -225,8 +239,15 @@ def parse_perturbation(spec: str) -> tuple[str, float]:
 
 @torch.no_grad()
 def perturb(model: nn.Module, name: str, factor: float) -> bool:
-    """Scale parameter ``name`` by ``factor``; False if this model does not hold it."""
-    params = dict(model.named_parameters())
+    """Scale parameter ``name`` (a routed expert's by its per-expert name) by ``factor``.
+
+    False if this model does not hold it.
+    """
+    params = {
+        name: view
+        for full, p in model.named_parameters()
+        for name, view in per_expert_tensors(model, full, p)
+    }
     if name not in params:
         return False
     params[name].mul_(factor)
@@ -314,7 +335,7 @@ def run_parallel(
             dist.send(x.grad.contiguous(), rank - ep)
     finally:
         recorder.close()
-    grads = [(n, p.grad.detach().cpu()) for n, p in model.named_parameters() if p.grad is not None]
+    grads = [(n, g.detach().to("cpu", copy=True)) for n, g in parameter_grads(model)]
     mine_payload = (stage, member, loss.item(), recorder.forward, recorder.backward, grads)
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(mine_payload, gathered if rank == 0 else None, dst=0)

@@ -10,7 +10,9 @@ Keys are global: ``model.layers.17.mlp.experts.42.up_proj.weight`` is the same
 tensor whichever stage, EP group or replica holds it, so loading with another plan
 (different pipeline split, ep or dp degree) reshards by name; DCP writes a
 replicated tensor once. Optimizer moments use the same names
-(``optim.<param>.exp_avg`` ...); the trainer's scalar state (step, consumed samples,
+(``optim.<param>.exp_avg`` ...; routed experts are stored stacked, and both the
+model's and the optimizer's stacked tensors appear as per-expert views, each expert
+sharing its stack's 0-dim AdamW ``step``); the trainer's scalar state (step, consumed samples,
 anomaly window, set-aside batches, skip ranges) travels as one JSON string and every
 rank's RNG state under its plan rank.
 
@@ -52,6 +54,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+from hetmoe_trainer.model.experts import per_expert_tensors
 
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
@@ -143,10 +147,15 @@ def newest_valid(root: Path) -> Path | None:
 def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
     """Create AdamW's state for parameters that never stepped, exactly as its lazy init would."""
     for group in optimizer.param_groups:
+        # Fused and capturable AdamW keep ``step`` on the parameter's device, the
+        # per-tensor implementation on the CPU (torch.optim.Adam._init_group).
+        on_device = group.get("fused") or group.get("capturable")
         for param in group["params"]:
             if not optimizer.state[param]:
                 optimizer.state[param] = {
-                    "step": torch.tensor(0.0),
+                    "step": torch.zeros((), dtype=torch.float32, device=param.device)
+                    if on_device
+                    else torch.tensor(0.0),
                     "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
                     "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
                 }
@@ -161,7 +170,10 @@ def training_state(
     state: dict[str, object] = {f"model.{k}": v for k, v in module.state_dict().items()}
     for param, slots in optimizer.state.items():
         for slot, value in slots.items():
-            state[f"optim.{names[param]}.{slot}"] = value
+            # Stacked routed experts: per-expert views under per-expert names, like
+            # the model's state_dict, so moments reshard across expert placements.
+            for name, tensor in per_expert_tensors(module, names[param], value):
+                state[f"optim.{name}.{slot}"] = tensor
     state["trainer"] = trainer_json
     state[f"rng.{plan_rank}"] = torch.get_rng_state()
     return state

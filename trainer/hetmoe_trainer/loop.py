@@ -99,6 +99,11 @@ class TrainerOptions:
     """
     grad_bucket_bytes: int = DEFAULT_BUCKET_BYTES
     """Gradient bytes per all-reduce bucket (smaller: earlier launches, more calls)."""
+    compile: bool = False
+    """Regional ``torch.compile`` of every layer (:meth:`Stage.compile_regions`).
+
+    Off by default: compiling costs time at every (re)start, and on CPU it did not
+    pay for itself in bench/trainer/bench_throughput.py (see its README)."""
 
 
 def simulated_delay(compute_seconds: float, slowdown: float) -> float:
@@ -145,6 +150,8 @@ class Trainer:
             device=device,
             dtype=torch.float32,
         )
+        if options.compile:
+            self.stage.compile_regions()
         self.runner = StepRunner(self.stage, context)
         self.sync = GradientSync(
             self.stage,

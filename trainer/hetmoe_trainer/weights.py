@@ -64,7 +64,10 @@ def reference_state(
         owner = Stage.expert_param_owner(name)
         if (owner is None and not include_dense) or (owner is not None and owner in skip_experts):
             continue
-        state[reference_name(name)] = tensor.detach().to("cpu").contiguous()
+        cpu = tensor.detach().to("cpu").contiguous()
+        # Routed experts are views into per-layer stacks; safetensors refuses tensors
+        # sharing storage, so each expert's tensor gets its own.
+        state[reference_name(name)] = cpu.clone() if owner is not None else cpu
     return state
 
 

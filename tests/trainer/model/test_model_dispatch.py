@@ -43,14 +43,23 @@ def _run(stage: Stage, x: torch.Tensor, probe: torch.Tensor) -> tuple[torch.Tens
     return out.detach(), x.grad
 
 
+def _per_expert_grads(stage: Stage) -> dict[int, list[torch.Tensor]]:
+    """Hosted expert id -> its gradient slices (gate+up, down) of layer LAYER."""
+    grads: dict[int, list[torch.Tensor]] = {}
+    for expert, name, param, index in stage.expert_slices():
+        if name.startswith(f"layers.{LAYER}."):
+            grads.setdefault(expert, []).append(param.grad[index])
+    return grads
+
+
 def _expert_grads(stage: Stage, group: dist.ProcessGroup) -> torch.Tensor:
     """Every expert's gradients flattened, zeros where not hosted, summed over the group."""
     arch = stage.arch
-    moe = stage.moe_layers()[LAYER]
+    grads = _per_expert_grads(stage)
     flat = []
     for e in range(arch.num_experts):
-        if str(e) in moe.experts:
-            flat.append(torch.cat([p.grad.flatten() for p in moe.experts[str(e)].parameters()]))
+        if e in grads:
+            flat.append(torch.cat([g.flatten() for g in grads[e]]))
         else:
             flat.append(torch.zeros(arch.expert_params))
     summed = torch.cat(flat)
@@ -88,8 +97,9 @@ def _check_scenario(rank: int, rank_experts: list[list[int]]) -> None:
     torch.testing.assert_close(out_p, out_s, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(xgrad_p, xgrad_s, rtol=1e-5, atol=1e-6)
     single_params = dict(single.named_parameters())
+    expert = {id(p) for p in parallel.expert_parameters()}
     for name, param in parallel.named_parameters():
-        if parallel.expert_param_owner(name) is None:
+        if id(param) not in expert:
             torch.testing.assert_close(param.grad, single_params[name].grad, msg=name)
     torch.testing.assert_close(
         _expert_grads(parallel, group),
@@ -105,10 +115,11 @@ def _check_scenario(rank: int, rank_experts: list[list[int]]) -> None:
     moe = parallel.moe_layers()[LAYER]
     counts = torch.stack([load])
     dist.all_reduce(counts, group=group)
-    for e in moe.experts:
-        hosts = [i for i, ex in enumerate(rank_experts) if int(e) in ex]
-        if len(hosts) > 1 and counts[0, int(e)] >= 2 * len(rank_experts) * len(hosts):
-            assert moe.experts[e].down_proj.weight.grad.abs().sum() > 0, f"replica of {e} idle"
+    grads = _per_expert_grads(parallel)
+    for e in moe.experts.expert_ids:
+        hosts = [i for i, ex in enumerate(rank_experts) if e in ex]
+        if len(hosts) > 1 and counts[0, e] >= 2 * len(rank_experts) * len(hosts):
+            assert grads[e][1].abs().sum() > 0, f"replica of {e} idle"
 
 
 def _worker(rank: int, world: int, port: int, scenarios: list[list[list[int]]]) -> None:

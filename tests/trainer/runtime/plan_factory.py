@@ -26,12 +26,15 @@ def make_plan(
     anomaly: AnomalyPolicy | None = None,
     warmup: int = 2,
     virtual_stages: int = 1,
+    rank_experts: list[list[int]] | None = None,
 ) -> Plan:
     """A valid plan of the tiny preset.
 
     ``stage_layers``: layers per (virtual) stage, ``pp x virtual_stages`` entries
     (default: as even as possible);
-    ``replicas``: ``(microbatch_size, num_microbatches)`` per replica (default 2 x 2).
+    ``replicas``: ``(microbatch_size, num_microbatches)`` per replica (default 2 x 2);
+    ``rank_experts``: routed experts per EP rank (default: an even split); an expert
+    listed under several EP ranks is a replicated hot expert.
     """
     arch = PRESETS["tiny"]
     layers = arch.num_hidden_layers
@@ -76,7 +79,9 @@ def make_plan(
                     ep_rank=ep_rank,
                     experts=list(
                         range(ep_rank * experts_per_rank, (ep_rank + 1) * experts_per_rank)
-                    ),
+                    )
+                    if rank_experts is None
+                    else rank_experts[ep_rank],
                 )
             )
     training = TrainingConfig(

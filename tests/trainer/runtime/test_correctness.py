@@ -46,6 +46,13 @@ LAYOUTS = {
     "ep2-in-dp2": {"dp": 2, "ep": 2},
     "pp2-dp2-ep2": {"pp": 2, "dp": 2, "ep": 2},
     "uneven-layers-pp2": {"pp": 2, "stage_layers": [1, 5], "replicas": [(2, 4)]},
+    # Experts 3 and 4 live on both EP ranks: their slices of the stacked expert
+    # weights are summed over both hosts, the other slices over none.
+    "ep2-replicated-experts": {
+        "dp": 2,
+        "ep": 2,
+        "rank_experts": [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]],
+    },
 }
 
 

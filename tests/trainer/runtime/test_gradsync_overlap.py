@@ -17,6 +17,12 @@ BUCKET = 16 << 10
 LAYOUTS = {
     "dp2": {"dp": 2},
     "pp2-dp2-ep2": {"pp": 2, "dp": 2, "ep": 2},
+    # A stacked expert tensor whose slices sit in different lanes (hosts {0, 1} / {0}).
+    "dp2-ep2-replicated-experts": {
+        "dp": 2,
+        "ep": 2,
+        "rank_experts": [[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]],
+    },
 }
 
 

@@ -12,16 +12,18 @@ Interface for the runtime::
 - ``stage.set_step(step)``: the step used when ``forward`` gets none (pipeline
   schedules pass keyword arguments to the first stage only).
 - ``stage.expert_parameters()`` / ``stage.dense_parameters()`` /
-  ``stage.named_expert_parameters()`` / ``stage.expert_param_owner(name)``: gradient
-  sync sets.
+  ``stage.named_expert_parameters()`` / ``stage.expert_slices()`` /
+  ``stage.expert_param_owner(name)``: gradient sync sets (routed experts are stacked
+  per layer; gradient sync works on one slice per expert).
 - ``stage.set_aux_loss_scale(scale)``: gradient of the attached balancing losses
   (convention in :mod:`hetmoe_trainer.model.moe`).
 - ``stage.pop_expert_load()`` / ``stage.pop_aux_losses()``: per-layer token counts
   and loss values since the last call; ``stage.update_balancing_bias(loads, rate)``:
   aux-loss-free balancing step.
 
-Parameter names map one-to-one onto the reference Bailing names with
-:func:`reference_name` / :func:`local_name`.
+``state_dict()`` names map one-to-one onto the reference Bailing names with
+:func:`reference_name` / :func:`local_name` (routed experts appear per expert there,
+see :mod:`hetmoe_trainer.model.experts`).
 """
 
 from hetmoe_trainer.model.dispatch import ExpertParallel

@@ -47,7 +47,28 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: int
     ) -> torch.Tensor:
         """``x``: ``[B, S, H]``; ``cos``/``sin``: rotary tables; ``step``: global step."""
-        h = x + self.attention(self.input_layernorm(x), cos, sin)
-        normed = self.post_attention_layernorm(h)
+        h, normed = self._attend(x, cos, sin)
         ffn = self.mlp(normed, step) if isinstance(self.mlp, MoE) else self.mlp(normed)
         return h + ffn
+
+    def _attend(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention half: residual stream after attention and its FFN-side norm."""
+        h = x + self.attention(self.input_layernorm(x), cos, sin)
+        return h, self.post_attention_layernorm(h)
+
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """``torch.compile`` the parts of this layer free of host syncs and collectives.
+
+        The attention half (norms, QKV, RoPE, SDPA, residual) and the dense or shared
+        SwiGLU FFN; the router and the expert-parallel dispatch stay eager (they read
+        token counts on the host and run all-to-alls). Every layer compiles the same
+        code, whose parameters Dynamo treats as inputs, so one compilation serves all
+        layers of a shape. ``backend``: a ``torch.compile`` backend (tests use the
+        quick ``aot_eager``).
+        """
+        self._attend = torch.compile(self._attend, backend=backend)  # type: ignore[method-assign]
+        ffn = self.mlp.shared_experts if isinstance(self.mlp, MoE) else self.mlp
+        if ffn is not None:
+            ffn.compile(backend=backend)

@@ -24,7 +24,7 @@ partition is; ``bias`` balancing has no aux loss and no such constraint.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
@@ -32,7 +32,7 @@ from torch import nn
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
 from hetmoe_trainer.model.dispatch import ExpertParallel, TokenDispatcher
-from hetmoe_trainer.model.experts import SwiGLU, compute_dtype, run_experts
+from hetmoe_trainer.model.experts import RoutedExperts, SwiGLU, compute_dtype
 from hetmoe_trainer.model.router import Router
 
 
@@ -84,13 +84,12 @@ class MoE(nn.Module):
             device=device,
             dtype=dtype,
         )
-        self.experts = nn.ModuleDict(
-            {
-                str(e): SwiGLU(
-                    arch.hidden_size, arch.moe_intermediate_size, device=device, dtype=dtype
-                )
-                for e in ep.local_experts
-            }
+        self.experts = RoutedExperts(
+            arch.hidden_size,
+            arch.moe_intermediate_size,
+            ep.local_experts,
+            device=device,
+            dtype=dtype,
         )
         # The reference fuses all shared experts into one SwiGLU of width k * I.
         self.shared_experts = (
@@ -136,8 +135,7 @@ class MoE(nn.Module):
         return {"aux_loss": aux, "z_loss": z}
 
     def _compute(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        experts = [cast(SwiGLU, self.experts[str(e)]) for e in self.dispatcher.ep.local_experts]
-        return run_experts(experts, tokens, counts, grouped=self.grouped_mm)
+        return self.experts(tokens, counts, grouped=self.grouped_mm)
 
     def _record(self, counts: torch.Tensor, losses: torch.Tensor) -> None:
         if not self.record_stats:  # activation recompute re-runs forward: count once

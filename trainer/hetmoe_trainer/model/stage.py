@@ -240,32 +240,47 @@ class Stage(nn.Module):
             return self.head(self.norm(x))
         return x
 
+    def compile_regions(self, backend: str = "inductor") -> None:
+        """Regional ``torch.compile`` of every layer (see :meth:`DecoderLayer.compile_regions`)."""
+        for layer in self.layers.values():
+            assert isinstance(layer, DecoderLayer)
+            layer.compile_regions(backend)
+
     def moe_layers(self) -> dict[int, MoE]:
         """MoE blocks of this stage by global layer id."""
         return {int(i): layer.mlp for i, layer in self.layers.items() if isinstance(layer.mlp, MoE)}
 
     @staticmethod
     def expert_param_owner(name: str) -> int | None:
-        """Global expert id of a routed-expert parameter name, None for any other parameter."""
+        """Global expert id of a per-expert name (``...mlp.experts.{e}.up_proj.weight``, as
+        ``state_dict()`` and checkpoints spell routed-expert tensors), None for any other."""
         match = _EXPERT_PARAM.search(name)
         return int(match.group(1)) if match else None
 
     def named_expert_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """Routed-expert parameters with their names."""
-        for name, param in self.named_parameters():
-            if self.expert_param_owner(name) is not None:
-                yield name, param
+        """The stacked routed-expert parameters (``layers.{i}.mlp.experts.gate_up_proj`` ...)."""
+        for i, moe in self.moe_layers().items():
+            yield from moe.experts.named_parameters(prefix=f"layers.{i}.mlp.experts")
 
     def expert_parameters(self) -> Iterator[nn.Parameter]:
-        """Routed-expert parameters: synced only among the ranks hosting the same expert."""
+        """Routed-expert parameters: each expert's slice is synced only among its hosts."""
         for _, param in self.named_expert_parameters():
             yield param
 
     def dense_parameters(self) -> Iterator[nn.Parameter]:
         """Every other parameter: synced across all data-parallel replicas of the stage."""
-        for name, param in self.named_parameters():
-            if self.expert_param_owner(name) is None:
+        expert = {id(p) for p in self.expert_parameters()}
+        for param in self.parameters():
+            if id(param) not in expert:
                 yield param
+
+    def expert_slices(self) -> Iterator[tuple[int, str, nn.Parameter, int]]:
+        """Per hosted expert and stacked parameter: ``(global expert id, name, parameter,
+        index in dim 0)``, named ``layers.{i}.mlp.experts.{e}.<stack>`` (global ids, so
+        every host of an expert names its slices alike)."""
+        for i, moe in self.moe_layers().items():
+            for expert, stacked, param, index in moe.experts.expert_slices():
+                yield expert, f"layers.{i}.mlp.experts.{expert}.{stacked}", param, index
 
     def set_aux_loss_scale(self, scale: float) -> None:
         """Gradient scale of every attached aux + z loss (convention in ``moe.py``)."""
