@@ -14,7 +14,9 @@ replicated tensor once. Optimizer moments use the same names
 model's and the optimizer's stacked tensors appear as per-expert views, each expert
 sharing its stack's 0-dim AdamW ``step``); the trainer's scalar state (step, consumed samples,
 anomaly window, set-aside batches, skip ranges) travels as one JSON string and every
-rank's RNG state under its plan rank.
+rank's RNG state under its plan rank. Under ZeRO-1 each rank saves the moments of the
+units it owns and loads those it owns under the current plan; the keys are the same,
+so checkpoints with full state on every rank load too.
 
 Saving: ``dcp.async_save`` on a dedicated gloo group. Even the CPU staging copy runs
 in the background (``DefaultStager`` with async staging): training continues with
@@ -56,6 +58,7 @@ from torch import nn
 from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
 
 from hetmoe_trainer.model.experts import per_expert_tensors
+from hetmoe_trainer.optim import ShardedParameters
 
 LATEST = "latest"
 MANIFEST = "MANIFEST.json"
@@ -162,9 +165,18 @@ def ensure_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 def training_state(
-    module: nn.Module, optimizer: torch.optim.Optimizer, trainer_json: str, plan_rank: int
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    trainer_json: str,
+    plan_rank: int,
+    shards: ShardedParameters | None = None,
 ) -> dict[str, object]:
-    """The flat DCP state dict of this rank; loading fills its tensors in place."""
+    """The flat DCP state dict of this rank; loading fills its tensors in place.
+
+    With ``shards`` (ZeRO-1) the optimizer holds only this rank's units, so it saves
+    and, on load, requests only their keys: the keys owned under the current plan,
+    whatever layout wrote the checkpoint.
+    """
     ensure_optimizer_state(optimizer)
     names = {param: name for name, param in module.named_parameters()}
     state: dict[str, object] = {f"model.{k}": v for k, v in module.state_dict().items()}
@@ -172,7 +184,12 @@ def training_state(
         for slot, value in slots.items():
             # Stacked routed experts: per-expert views under per-expert names, like
             # the model's state_dict, so moments reshard across expert placements.
-            for name, tensor in per_expert_tensors(module, names[param], value):
+            views = (
+                per_expert_tensors(module, names[param], value)
+                if shards is None
+                else shards.checkpoint_tensors(module, param, value)
+            )
+            for name, tensor in views:
                 state[f"optim.{name}.{slot}"] = tensor
     state["trainer"] = trainer_json
     state[f"rng.{plan_rank}"] = torch.get_rng_state()

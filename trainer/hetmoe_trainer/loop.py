@@ -10,8 +10,9 @@ One step, identical on every rank:
 4. one all-reduce over the world of ``[loss, grad-norm^2, non-finite flag,
    per-rank ready time...]`` gives every rank the global loss, norm and step times;
 5. the anomaly detector decides (same inputs everywhere, so the same verdict):
-   apply (clip, AdamW), skip (optimizer untouched), apply with a lowered LR, or
-   roll back to the last checkpoint;
+   apply (clip, AdamW on this rank's ZeRO-1 share, broadcast to the other holders),
+   skip (optimizer untouched), apply with a lowered LR, or roll back to the last
+   checkpoint;
 6. metrics, ``progress.json``, the per-step log, and a checkpoint every
    ``checkpoint_interval`` steps.
 
@@ -53,7 +54,12 @@ from hetmoe_trainer.metrics import (
     metrics_route,
 )
 from hetmoe_trainer.model import build_stage
-from hetmoe_trainer.optim import build_optimizer, clip_gradients, set_learning_rate
+from hetmoe_trainer.optim import (
+    ShardedParameters,
+    build_optimizer,
+    clip_gradients,
+    set_learning_rate,
+)
 from hetmoe_trainer.pipeline import StepRunner
 from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter
 from hetmoe_trainer.schedule import learning_rate
@@ -99,6 +105,9 @@ class TrainerOptions:
     """
     grad_bucket_bytes: int = DEFAULT_BUCKET_BYTES
     """Gradient bytes per all-reduce bucket (smaller: earlier launches, more calls)."""
+    zero: bool = True
+    """ZeRO-1: AdamW state sharded over each parameter's holders (:class:`ShardedParameters`),
+    as the planner's memory model assumes; off keeps full state on every rank."""
     compile: bool = False
     """Regional ``torch.compile`` of every layer (:meth:`Stage.compile_regions`).
 
@@ -164,7 +173,8 @@ class Trainer:
             ),
             accumulations=context.replica.num_microbatches,
         )
-        self.optimizer = build_optimizer(self.stage.named_parameters(), training.weight_decay)
+        self.shards = ShardedParameters(self.stage, context, enabled=options.zero)
+        self.optimizer = build_optimizer(self.shards.named, training.weight_decay)
         self.source = build_source(
             training.data, plan.model.vocab_size, training.sequence_length, training.seed
         )
@@ -224,7 +234,7 @@ class Trainer:
     def state(self) -> dict[str, object]:
         """Everything a checkpoint holds for this rank (tensors are live, not copies)."""
         return training_state(
-            self.stage, self.optimizer, self._trainer_json(), self.context.me.rank
+            self.stage, self.optimizer, self._trainer_json(), self.context.me.rank, self.shards
         )
 
     def load(self, path: Path) -> None:
@@ -346,7 +356,9 @@ class Trainer:
             clip_gradients(self.sync.params, grad_norm, self.training.grad_clip)
             set_learning_rate(self.optimizer, lr)
             self.checkpointer.wait_staged()
+            self.shards.attach_grads()
             self.optimizer.step()
+            self.shards.broadcast()
             if self.training.balancing == "bias":
                 self.stage.update_balancing_bias(loads)
         elif verdict.action is Action.SKIP and verdict.reason == "spike":
@@ -357,6 +369,7 @@ class Trainer:
         elif verdict.action is Action.SKIP:
             log.warning("step %d: non-finite loss/gradient, update skipped", self.step)
         self.optimizer.zero_grad(set_to_none=True)
+        self.stage.zero_grad(set_to_none=True)
         times.add("optimizer", time.perf_counter() - phase)
 
         if verdict.action is Action.ROLLBACK:
