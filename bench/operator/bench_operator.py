@@ -36,6 +36,7 @@ from kubernetes.client import CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
 from tests.cluster.controlplane import ControlPlane, ensure_built, free_port
 from tests.cluster.topology import apply_topology, load_topology
+from urllib3.exceptions import ProtocolError
 
 REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "examples" / "catalogs" / "reference-5-grades.yaml"
@@ -129,6 +130,11 @@ class PodTracker:
             except ApiException as error:
                 if error.status != 410:  # expired: list again
                     raise
+            except ProtocolError:
+                # The API server cut the stream (it does under load): list again. An
+                # uncaught error here used to end this thread silently mid-run, so
+                # every later creation went unrecorded.
+                continue
 
 
 def api_server_floor(core: CoreV1Api, pods: int) -> dict[str, float]:
