@@ -24,6 +24,9 @@ PLAN_API_VERSION: Final = "hetmoe.io/plan/v1"
 
 Objective = Literal["throughput", "cost", "throughput-under-budget"]
 
+PipelineShape = Literal["loop", "v"]
+"""How a pipeline position's chunks are chosen when ``Plan.virtual_stages`` > 1."""
+
 
 class ParallelDegrees(ApiModel):
     """How the world is factored: world = pp x dp x tp; ep divides dp x tp."""
@@ -42,7 +45,8 @@ class StagePlan(ApiModel):
     """One pipeline stage: a contiguous range of global layer ids.
 
     With ``Plan.virtual_stages`` = v > 1 this is one *virtual* stage (a chunk): pipeline
-    position ``r`` holds stages ``r, r + pp, ..., r + (v - 1) pp``.
+    position ``r`` holds stages ``r, r + pp, ..., r + (v - 1) pp`` (``loop`` shape), or
+    ``r`` and ``2 pp - 1 - r`` (``v`` shape); see :meth:`Plan.stages_at`.
     """
 
     index: int = Field(ge=0)
@@ -248,6 +252,13 @@ class Plan(ApiModel):
     """Stages (layer chunks) per pipeline position: 1 runs 1F1B; v > 1 runs interleaved
     1F1B, position ``r`` holding stages ``r + k pp`` for k < v (smaller bubble, more
     point-to-point transfers). Plans written before this field existed mean 1."""
+    pipeline_shape: PipelineShape = "loop"
+    """With ``virtual_stages`` > 1, which stages a position holds. ``loop``: position
+    ``r`` holds ``r + k pp`` and runs interleaved 1F1B. ``v`` (``virtual_stages`` = 2):
+    position ``r`` holds ``r`` and ``2 pp - 1 - r`` and runs the zero-bubble V schedule
+    (ZB-V), whose weight-gradient work fills the fill/drain bubble at 1F1B's activation
+    memory; position 0 then holds both the embedding and the LM head. Plans written
+    before this field existed mean ``loop``."""
     replicas: list[ReplicaPlan] = Field(min_length=1)
     """Data-parallel replicas; their samples add up to the global batch."""
     ranks: list[RankPlan] = Field(min_length=1)
@@ -280,6 +291,10 @@ class Plan(ApiModel):
             or any(s.has_head for s in self.stages[:-1])
         ):
             raise ValueError("only the first stage holds the embedding, only the last the LM head")
+        if self.pipeline_shape == "v" and self.virtual_stages != 2:
+            raise ValueError(
+                f"the v pipeline shape holds 2 stages per position, not {self.virtual_stages}"
+            )
         if len(self.replicas) != degrees.dp:
             raise ValueError(f"{len(self.replicas)} replicas but dp = {degrees.dp}")
         batch = sum(r.samples_per_step for r in self.replicas)
@@ -302,7 +317,16 @@ class Plan(ApiModel):
 
     def stages_at(self, position: int) -> list[StagePlan]:
         """The stages (chunks) pipeline position ``position`` holds, in schedule order."""
+        if self.pipeline_shape == "v":
+            return [self.stages[position], self.stages[2 * self.parallel.pp - 1 - position]]
         return self.stages[position :: self.parallel.pp]
+
+    def position_of(self, stage_index: int) -> int:
+        """The pipeline position that holds stage (chunk) ``stage_index``."""
+        pp = self.parallel.pp
+        if self.pipeline_shape == "v" and stage_index >= pp:
+            return 2 * pp - 1 - stage_index
+        return stage_index % pp
 
     def rank_at(self, pool: str, node_slot: int, local_rank: int) -> RankPlan:
         """The rank seated at device ``local_rank`` of node ``node_slot`` of ``pool``."""
