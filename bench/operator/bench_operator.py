@@ -172,6 +172,30 @@ def api_server_floor(core: CoreV1Api, pods: int) -> dict[str, float]:
     return {"floor_pods": float(pods), "floor_seconds": elapsed, "floor_pods_per_s": pods / elapsed}
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far (from /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class CpuMeter:
+    """CPU seconds each process used over a window, to say where a slow phase's time
+    went: on this 2-core host the control plane, kwok, the operator and the bench
+    compete for the same cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.start = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def report(self) -> dict[str, float]:
+        used = {
+            name: round(cpu_seconds(pid) - self.start[name], 1) for name, pid in self.pids.items()
+        }
+        used["window_s"] = round(time.monotonic() - self.started, 1)
+        return used
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -264,7 +288,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             env={**os.environ, "KUBECONFIG": str(plane.kubeconfig)},
         )
         try:
-            return measure(args, topology, core, custom, operator, metrics_port)
+            pids = {c.name: c.process.pid for c in plane.components}
+            pids |= {"operator": operator.pid, "bench": os.getpid()}
+            return measure(args, topology, core, custom, operator, metrics_port, pids)
         finally:
             operator.terminate()
             operator.wait(timeout=30)
@@ -277,6 +303,7 @@ def measure(
     custom: CustomObjectsApi,
     operator: subprocess.Popen[bytes],
     metrics_port: int,
+    pids: dict[str, int],
 ) -> dict[str, Any]:
     deadline = time.monotonic() + 60
     while True:  # operator start-up: node cache warm-up, then /metrics answers
@@ -309,10 +336,14 @@ def measure(
             "hetmoe.io", "v1alpha1", NAMESPACE, "moejobs", job(*item)
         )
 
+    launch_cpu = CpuMeter(pids)
     with ThreadPoolExecutor(16) as pool:
         list(pool.map(create, names))
     deadline = time.monotonic() + args.timeout
     fits = sum(min(capacity[p], assigned.get(p, 0)) for p in capacity)
+    while time.monotonic() < deadline and sum((n, "1") in tracker.created for n, _ in names) < fits:
+        time.sleep(0.5)
+    launch_cpu_seconds = launch_cpu.report()
     while time.monotonic() < deadline and sum((n, "1") in tracker.running for n, _ in names) < fits:
         time.sleep(0.5)
     created = [
@@ -382,6 +413,7 @@ def measure(
         "api_requests_per_job_launch": requests_launch / max(1, args.jobs),
         "api_requests_total": total_requests,
         "operator_peak_rss_mib": peak_rss_mib(operator.pid),
+        "launch_cpu_seconds": launch_cpu_seconds,
         **floor,
         "targets": TARGETS,
     }

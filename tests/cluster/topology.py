@@ -144,13 +144,28 @@ def create_nodes(client: ApiClient, topology: Topology, workers: int = CREATE_WO
         return list(pool.map(lambda body: _create_node(api, body), node_manifests(topology)))
 
 
+LIFECYCLE_TAINTS = frozenset({"node.kubernetes.io/not-ready", "node.kubernetes.io/unreachable"})
+"""Taints the node lifecycle controller puts on a node until it has seen it Ready."""
+
+
 def _is_ready(node: dict[str, Any]) -> bool:
+    """Ready=True *and* no lifecycle taint left: only then will pods schedule on it.
+
+    A new node reports Ready within seconds (kwok), but the controller-manager removes
+    its ``not-ready`` taint later, one node at a time within its API rate limit. A
+    benchmark that started on Ready-but-tainted nodes measured that queue instead of
+    the operator (jobs waited ``WaitingForCapacity`` for 0 usable nodes).
+    """
     conditions = node.get("status", {}).get("conditions") or []
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+    taints = node.get("spec", {}).get("taints") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions) and (
+        not any(t.get("key") in LIFECYCLE_TAINTS for t in taints)
+    )
 
 
 def ready_node_names(client: ApiClient, label_selector: str = "type=kwok") -> set[str]:
-    """Names of Ready nodes, read as raw JSON because model parsing is slow at 1,000+.
+    """Names of Ready, schedulable nodes (see ``_is_ready``), read as raw JSON because
+    model parsing is slow at 1,000+.
 
     resourceVersion=0 is served from the apiserver's watch cache, which keeps
     frequent polling from competing with kwok for the apiserver's CPU.
@@ -163,7 +178,7 @@ def ready_node_names(client: ApiClient, label_selector: str = "type=kwok") -> se
 
 
 def wait_nodes_ready(client: ApiClient, names: Iterable[str], timeout: float = 180.0) -> None:
-    """Block until every named node reports Ready=True (kwok node-initialize stage)."""
+    """Block until every named node is Ready and free of lifecycle taints."""
     wanted = set(names)
     deadline = time.monotonic() + timeout
     while True:

@@ -89,3 +89,70 @@ def test_a_node_not_ready_for_a_moment_still_counts_as_up_a_deleted_one_never() 
     assert cache.readiness(late) == {"up": True, "blip": False}
     cache.remove("blip")
     assert cache.readiness(late) == {"up": True}
+
+
+def node(taints: list[dict[str, str]], heartbeat: str = "12:00:00") -> dict[str, Any]:
+    return {
+        "metadata": {"name": "n1", "labels": {"hetmoe.io/pool": "a"}},
+        "spec": {"taints": taints},
+        "status": {
+            "allocatable": {"nvidia.com/gpu": "8"},
+            "conditions": [
+                {
+                    "type": "Ready",
+                    "status": "True",
+                    "lastHeartbeatTime": f"2026-01-01T{heartbeat}Z",
+                    "lastTransitionTime": "2026-01-01T11:00:00Z",
+                }
+            ],
+        },
+    }
+
+
+def test_a_lifted_taint_is_a_node_change_and_a_heartbeat_is_not() -> None:
+    from hetmoe_operator.kube.state import NodeCache
+
+    cache = NodeCache()
+    tainted = [{"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"}]
+    assert cache.upsert(node(tainted)), "a new node"
+    assert not cache.upsert(node(tainted, heartbeat="12:00:10")), "only the heartbeat moved"
+    assert cache.upsert(node([])), "the lifecycle controller lifted its taint: now usable"
+
+
+def test_only_jobs_waiting_for_capacity_are_woken_when_it_may_be_back() -> None:
+    from hetmoe_operator.kube.state import Wakeups
+
+    wakeups = Wakeups()
+    waiting, running = ("ns", "waiting"), ("ns", "running")
+    events = {key: wakeups.event(key) for key in (waiting, running)}
+    wakeups.set_waiting(waiting, True)
+    wakeups.set_waiting(running, False)
+    wakeups.capacity_may_be_back()
+    assert events[waiting].is_set() and not events[running].is_set()
+    events[waiting].clear()
+    wakeups.set_waiting(waiting, False)  # it found its nodes
+    wakeups.capacity_may_be_back()
+    assert not events[waiting].is_set()
+
+
+def test_a_burst_of_capacity_signals_wakes_each_waiting_job_once() -> None:
+    import asyncio
+
+    from hetmoe_operator.kube.state import CAPACITY_WAKE_SECONDS, Wakeups
+
+    key = ("ns", "waiting")
+
+    async def burst() -> tuple[list[Any], bool]:
+        wakeups = Wakeups(loop=asyncio.get_running_loop())
+        event = wakeups.event(key)
+        wakeups.set_waiting(key, True)
+        pokes: list[Any] = []
+        poke = wakeups.poke
+        wakeups.poke = lambda k: (pokes.append(k), poke(k))[1]  # type: ignore[method-assign]
+        for _ in range(16):  # a restart deleting 16 pods
+            wakeups.capacity_may_be_back()
+        await asyncio.sleep(CAPACITY_WAKE_SECONDS + 0.3)
+        return pokes, event.is_set()
+
+    pokes, woken = asyncio.run(burst())
+    assert pokes == [key] and woken

@@ -151,6 +151,8 @@ def build_registry() -> kopf.OperatorRegistry:
         owner = (raw.get("metadata", {}).get("labels") or {}).get(JOB_LABEL)
         if owner:
             ctx.wakeups.poke((namespace or "", owner))
+        if _frees_devices(event):
+            ctx.wakeups.capacity_may_be_back()
 
     @kopf.on.event("", "v1", "nodes", registry=registry)
     async def node_event(*, event: Any, body: Any, name: str, memo: Any, **_: Any) -> None:
@@ -163,8 +165,18 @@ def build_registry() -> kopf.OperatorRegistry:
         if changed:
             for key in ctx.wakeups.jobs_on(name):
                 ctx.wakeups.poke(key)
+            ctx.wakeups.capacity_may_be_back()
 
     return registry
+
+
+def _frees_devices(event: Any) -> bool:
+    """Whether a pod event gives capacity back: a pod bound to a node is gone or finished."""
+    raw = event.get("object") or {}
+    if not (raw.get("spec") or {}).get("nodeName"):
+        return False
+    phase = (raw.get("status") or {}).get("phase")
+    return event.get("type") == "DELETED" or phase in ("Succeeded", "Failed")
 
 
 def _drop_daemon_finalizer(registry: kopf.OperatorRegistry) -> None:

@@ -211,6 +211,7 @@ class Reconciler:
         self.wakeups.record_nodes(
             (namespace, name), frozenset(p.node for p in observation.pods if p.node)
         )
+        self.wakeups.set_waiting(key, _waits_for_capacity(decision.status))
         self._count_restart(key, observation.status, decision.status)
         self.metrics.job_phase(namespace, name, decision.status.phase)
         if not result.complete:
@@ -401,3 +402,11 @@ class Reconciler:
                 failure.reason,
                 failure.message[:200],
             )
+
+
+def _waits_for_capacity(status: MoEJobStatus) -> bool:
+    """Whether the pass ended waiting for nodes (so capacity events should wake it)."""
+    if status.phase not in ("Pending", "Restarting"):
+        return False
+    ready = next((c for c in status.conditions if c.type == "Ready"), None)
+    return ready is not None and ready.reason == "WaitingForCapacity"

@@ -107,13 +107,15 @@ class NodeCache:
             self._nodes = {n["metadata"]["name"]: slim_node(n) for n in nodes}
 
     def upsert(self, node: Mapping[str, Any]) -> bool:
-        """Store a node; True if it is new or its readiness flipped."""
+        """Store a node; True if it is new or anything discovery reads changed (readiness,
+        taints, cordon, labels, allocatable). Heartbeats change none of these, so the
+        steady stream of node updates wakes no job."""
         slim = slim_node(node)
         name = slim["metadata"]["name"]
         with self._lock:
             old = self._nodes.get(name)
             self._nodes[name] = slim
-        return old is None or is_ready(old) != is_ready(slim)
+        return old != slim
 
     def remove(self, name: str) -> None:
         with self._lock:
@@ -286,6 +288,10 @@ class PodIndex:
             return list(self._pods.values())
 
 
+CAPACITY_WAKE_SECONDS = 0.5
+"""How long capacity signals are gathered before the jobs waiting for it are woken."""
+
+
 @dataclass
 class Wakeups:
     """One asyncio.Event per job: watches set it, the job's daemon waits on it.
@@ -297,6 +303,9 @@ class Wakeups:
     loop: asyncio.AbstractEventLoop | None = None
     _events: dict[JobKey, asyncio.Event] = field(default_factory=dict)
     _nodes_of: dict[JobKey, frozenset[str]] = field(default_factory=dict)
+    _waiting: set[JobKey] = field(default_factory=set)
+    """Jobs whose last pass found too little capacity: woken when capacity may be back."""
+    _capacity_wake_pending: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def event(self, key: JobKey) -> asyncio.Event:
@@ -307,6 +316,7 @@ class Wakeups:
         with self._lock:
             self._events.pop(key, None)
             self._nodes_of.pop(key, None)
+            self._waiting.discard(key)
 
     def poke(self, key: JobKey) -> None:
         """Wake a job's daemon (safe from any thread)."""
@@ -326,3 +336,38 @@ class Wakeups:
     def jobs_on(self, node: str) -> list[JobKey]:
         with self._lock:
             return [k for k, nodes in self._nodes_of.items() if node in nodes]
+
+    def set_waiting(self, key: JobKey, waiting: bool) -> None:
+        """Record whether ``key`` waits for capacity (see :meth:`capacity_may_be_back`)."""
+        with self._lock:
+            if waiting:
+                self._waiting.add(key)
+            else:
+                self._waiting.discard(key)
+
+    def capacity_may_be_back(self) -> None:
+        """Wake every job waiting for capacity: a node became usable or a pod let go of
+        its devices. Without this a waiting job only looked again at its next resync.
+
+        Coalesced: the signals of one burst (a restart deletes every pod of a job, a
+        node pool comes back at once) wake each waiting job once, ``CAPACITY_WAKE_SECONDS``
+        after the first, instead of a pass per pod. Every waiting pass runs discovery
+        under the capacity lock, which a job being launched or restarted needs too.
+        """
+        with self._lock:
+            if self._capacity_wake_pending:
+                return
+            self._capacity_wake_pending = True
+        if self.loop is None:
+            self._wake_waiting()
+        else:
+            self.loop.call_soon_threadsafe(
+                self.loop.call_later, CAPACITY_WAKE_SECONDS, self._wake_waiting
+            )
+
+    def _wake_waiting(self) -> None:
+        with self._lock:
+            self._capacity_wake_pending = False
+            waiting = list(self._waiting)
+        for key in waiting:
+            self.poke(key)

@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from hetmoe_operator.api.operator_config import CatalogSource
 from hetmoe_operator.kube.catalog_source import CatalogLoader
+from tests.cluster.controlplane import ControlPlane
 from tests.cluster.topology import Topology, node_manifest, wait_nodes_ready
 from tests.integration.operator.conftest import (
     REFERENCE_CATALOG,
@@ -104,6 +105,51 @@ def test_scale_up_grows_a_running_job_onto_added_nodes(
             except ApiException as error:
                 if error.status != 404:
                     raise
+
+
+def test_a_job_waiting_for_capacity_starts_when_a_node_appears_not_at_its_resync(
+    operator: OperatorProcess,
+    control_plane: ControlPlane,
+    kube_api: ApiClient,
+    namespace: str,
+    cluster_topology: Topology,
+    tmp_path: Path,
+) -> None:
+    # An operator whose resync would take five minutes: only the node event can wake
+    # the waiting job in time.
+    core = CoreV1Api(kube_api)
+    template = next(p for p in cluster_topology.pools if p.grade == "A")
+    pool = dataclasses.replace(template, name=f"late-{namespace[3:]}", nodes=1)
+    (node,) = pool.node_names()
+    operator.stop()
+    slow = OperatorProcess(control_plane, tmp_path, ("--resync-seconds", "300"))
+    slow.start()
+    try:
+        create_job(kube_api, namespace, job_manifest("late", pools=[{"name": pool.name}]))
+        eventually(
+            lambda: (
+                condition(get_job(kube_api, namespace, "late").get("status") or {}, "Ready").get(
+                    "reason"
+                )
+                == "WaitingForCapacity"
+            ),
+            60,
+            "the job waiting for capacity",
+        )
+        core.create_node(node_manifest(pool, node))
+        wait_nodes_ready(kube_api, [node])
+        eventually(
+            lambda: job_pods(kube_api, namespace, "late"), 60, "workers on the new node", 0.2
+        )
+        delete_job(kube_api, namespace, "late")
+    finally:
+        slow.stop()
+        operator.start()
+        try:
+            core.delete_node(node)
+        except ApiException as error:
+            if error.status != 404:
+                raise
 
 
 def test_unschedulable_workers_show_the_scheduler_message(
