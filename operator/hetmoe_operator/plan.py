@@ -259,6 +259,12 @@ class Plan(ApiModel):
     (ZB-V), whose weight-gradient work fills the fill/drain bubble at 1F1B's activation
     memory; position 0 then holds both the embedding and the LM head. Plans written
     before this field existed mean ``loop``."""
+    split_backward: bool = False
+    """Split each backward into its input-gradient and weight-gradient parts and let the
+    weight work fill the fill/drain bubble (zero-bubble schedules). With the ``loop``
+    shape this runs ZB1P (torch ``ScheduleInterleavedZeroBubble``; with one stage per
+    position that is ZB-H1, at about 1F1B's activation memory). The ``v`` shape always
+    splits (ZB-V) whatever this says. Plans written before this field existed mean False."""
     replicas: list[ReplicaPlan] = Field(min_length=1)
     """Data-parallel replicas; their samples add up to the global batch."""
     ranks: list[RankPlan] = Field(min_length=1)
