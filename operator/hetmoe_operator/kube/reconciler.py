@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
@@ -36,6 +35,7 @@ from hetmoe_operator.desired.names import (
 from hetmoe_operator.discovery import Discovery, discover
 from hetmoe_operator.errors import describe_validation_error
 from hetmoe_operator.kube.apply import Applier, Conflict, KindNotInstalled, KubeApi
+from hetmoe_operator.kube.capacity_lock import CapacityLock
 from hetmoe_operator.kube.catalog_source import CatalogLoader
 from hetmoe_operator.kube.metrics import OperatorMetrics
 from hetmoe_operator.kube.progress import read_progress
@@ -95,7 +95,7 @@ class Reconciler:
     _plans: dict[tuple[str, str], tuple[Plan | None, int]] = field(default_factory=dict)
     """Job -> its plan and plan generation, from one GET, then from our own writes."""
     _plan_memo: dict[str, Plan] = field(default_factory=dict)
-    _capacity: threading.Lock = field(default_factory=threading.Lock)
+    _capacity: CapacityLock = field(default_factory=CapacityLock)
     """Held from discovery until the pods are created: passes that plan run one at a
     time, so each sees the pods of the job planned before it (no double booking)."""
     _progress_at: dict[tuple[str, str], float] = field(default_factory=dict)
@@ -181,7 +181,9 @@ class Reconciler:
         held.mark("read")
         environment = Environment(
             planner=self._timed_planner,
-            discover=self._discoverer(job, catalog, held),
+            discover=self._discoverer(
+                job, catalog, held, urgent=not _waits_for_capacity(observation.status)
+            ),
             catalog=catalog,
             config=self.config,
         )
@@ -316,13 +318,16 @@ class Reconciler:
         )
         return read if read is not None else (None, None)
 
-    def _discoverer(self, job: dict[str, Any], catalog: Any, held: _Held) -> Any:
+    def _discoverer(self, job: dict[str, Any], catalog: Any, held: _Held, *, urgent: bool) -> Any:
+        """Discovery for this pass, under the capacity lock (``urgent`` unless the job
+        was already waiting for capacity: see ``kube.capacity_lock``)."""
+
         def discover_now(excluded: Sequence[str]) -> Discovery | None:
             if catalog is None:
                 return None
             if not held.locked:
                 held.mark("plan-free decide")
-                self._capacity.acquire()
+                self._capacity.acquire(urgent=urgent)
                 held.locked = True
                 held.mark("capacity lock wait")
             spec = MoEJobSpec.model_validate(job["spec"])
