@@ -48,12 +48,17 @@ def local_cluster() -> ClusterDescription:
     return load_cluster(LOCAL_CLUSTER)
 
 
-def write_job(directory: Path, *, name: str, steps: int, interval: int) -> Path:
-    """A copy of the tiny example with fewer steps, written to ``directory``."""
+def write_job(
+    directory: Path, *, name: str, steps: int, interval: int, backoff: float | None = None
+) -> Path:
+    """A copy of the tiny example with fewer steps (and another restart backoff),
+    written to ``directory``."""
     manifest = yaml.safe_load(TINY_JOB.read_text())
     manifest["metadata"]["name"] = name
     manifest["spec"]["training"]["steps"] = steps
     manifest["spec"]["checkpoint"]["intervalSteps"] = interval
+    if backoff is not None:
+        manifest["spec"]["elastic"]["backoffSeconds"] = backoff
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path

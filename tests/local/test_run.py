@@ -52,7 +52,9 @@ def test_tiny_run_completes_and_the_loss_falls(tiny_baseline: RunResult) -> None
 def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     tiny_baseline: RunResult, tmp_path: Path
 ) -> None:
-    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5)
+    # No backoff: the failure's own pass starts the next generation, so this also
+    # checks that local mode stops the old processes before starting new ones.
+    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5, backoff=0)
     run_dir = tmp_path / "run"
     result = run_hetmoe(hetmoe_argv(job, run_dir, "--inject-fault", "rank=1,step=8"), run_dir)
     assert result.returncode == 0, result.stdout + result.stderr

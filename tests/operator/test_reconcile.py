@@ -60,6 +60,18 @@ def test_pod_failure_restarts_with_cause_backoff_and_kept_plan() -> None:
     assert any(e.reason == "PlanKept" for e in world.events)
 
 
+def test_without_backoff_the_failure_pass_itself_creates_the_next_generation() -> None:
+    world = running_world(elastic={"maxRestarts": 3, "backoffSeconds": 0})
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    decision = world.reconcile()
+    created = sorted(m["metadata"]["name"] for m in decision.creates if m["kind"] == "Pod")
+    assert created == ["job-g2-pool-a-0", "job-g2-pool-d-0"]
+    stopped = [d.name for d in decision.deletes]
+    assert sorted(stopped) == ["job-g1-pool-a-0", "job-g1-pool-d-0"], "each old pod, once"
+    assert world.status.phase == "Restarting" and world.status.generation == 2
+    assert world.status.restarts == 1 and world.status.last_failure is not None
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     from hetmoe_operator.reconcile.failures import backoff_seconds
 

@@ -4,8 +4,11 @@ This is the operator's reconcile loop with the Kubernetes API replaced by this
 machine. Each pass builds the same :class:`Observation` the operator builds (pods
 with phases and exit codes, nodes, the plan ConfigMap, rank 0's progress), calls the
 same :func:`~hetmoe_operator.reconcile.decide.decide` with the real planner, and
-applies the :class:`Decision` in the operator's order (creates, status, deletes):
-created Pods are started by the :class:`LocalExecutor`, deleted Pods are stopped.
+applies the :class:`Decision`: deleted Pods are stopped by the :class:`LocalExecutor`,
+created Pods are started. Deletes go first, unlike the operator's order (creates,
+status, deletes): a decision may start the next generation in the pass that stops
+the last one, and on a cluster the scheduler keeps a terminating pod's devices
+booked until it is gone, which here means waiting for its processes to exit.
 Restart generations, backoff, maxRestarts and failure rules are therefore exactly
 the operator's.
 
@@ -243,19 +246,7 @@ class Supervisor:
     # -- applying a decision --------------------------------------------------------
 
     def apply(self, decision: Decision) -> None:
-        """Creates, then status, then deletes: the operator's order (see ``decide``)."""
-        pods = [m for m in decision.creates if m["kind"] == "Pod"]
-        for manifest in decision.creates:
-            name = manifest["metadata"]["name"]
-            if manifest["kind"] == "ConfigMap":
-                self._config_maps[name] = manifest
-                write_config_maps([manifest], self.run_dir)
-            elif manifest["kind"] == "Service":
-                self._services[name] = manifest
-        if pods:
-            self._start(pods)
-        self.status = decision.status
-        self.events.extend(f"{event.reason}: {event.message}" for event in decision.events)
+        """Deletes (waiting for the processes to exit), then creates, then status."""
         grace = {
             delete.name: float(
                 self._grace_seconds(delete.name)
@@ -268,6 +259,18 @@ class Supervisor:
         self.executor.delete(grace)
         for name in grace:
             self._pods.pop(name, None)
+        pods = [m for m in decision.creates if m["kind"] == "Pod"]
+        for manifest in decision.creates:
+            name = manifest["metadata"]["name"]
+            if manifest["kind"] == "ConfigMap":
+                self._config_maps[name] = manifest
+                write_config_maps([manifest], self.run_dir)
+            elif manifest["kind"] == "Service":
+                self._services[name] = manifest
+        if pods:
+            self._start(pods)
+        self.status = decision.status
+        self.events.extend(f"{event.reason}: {event.message}" for event in decision.events)
 
     def _grace_seconds(self, name: str) -> float:
         """The pod's own terminationGracePeriodSeconds, as a kubelet honours it."""

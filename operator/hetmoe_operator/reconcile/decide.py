@@ -136,7 +136,10 @@ class _Pass:
 
     def stop(self, pods: Sequence[PodObs]) -> None:
         """Delete pods; pods that would never terminate on their own are forced."""
+        stopping = {d.name for d in self.deletes}
         for pod in pods:
+            if pod.name in stopping:
+                continue
             force = failures.needs_force_delete(pod, self.obs.nodes, self.obs.now)
             if force:
                 self.deletes.append(Delete(pod.name, 0))
@@ -379,7 +382,13 @@ def _handle_failure(
     )
     run.phase("Restarting", verdict.cause, f"{text}; backoff {delay:.0f}s", warning=True)
     run.stop(current)
-    run.requeue(delay)
+    if delay > 0:
+        run.requeue(delay)
+        return
+    # No backoff: the next generation starts in this same pass (its pods are created
+    # while the old ones are deleted), which saves a status write and a pass round trip
+    # on the path from a failure to its replacement.
+    _start_next_generation(run, spec)
 
 
 def _fail(run: _Pass, reason: str, message: str) -> None:
