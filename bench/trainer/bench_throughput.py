@@ -19,7 +19,14 @@ waiting for a core, though OpenMP spin-waits count) are printed as well.
 the first (warm-up) step then includes compilation, reported as
 ``ours_first_step_s``.
 
+``--ep N`` instead trains ARCH expert-parallel over N gloo processes on this machine
+(dp = ep = N, routed experts split evenly, ``--threads`` each, no HF run) and reports
+the median step time with the EP exchanges' exposed time (the host blocked on an
+all-to-all) and in-flight time (launch to end of wait); their difference is the
+compute run while exchanges were in flight, an upper bound on what was hidden.
+
     python bench/trainer/bench_throughput.py [--threads 2] [--repeats 5] [--compile]
+    python bench/trainer/bench_throughput.py --ep 2 --threads 1 [--repeats 5]
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -35,6 +43,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
 
 from hetmoe_operator.api.model import ModelArchitecture
@@ -60,18 +69,19 @@ ARCH = ModelArchitecture(
 BATCH, SEQ = 4, 256
 
 
-def our_trainer(workdir: Path, *, compile_regions: bool = False) -> Trainer:
-    """A single-process trainer for ARCH."""
+def our_plan(ep: int = 1) -> Plan:
+    """ARCH on one stage; ``ep`` > 1: that many replicas forming one EP group."""
     training = TrainingConfig(
         steps=10_000,
-        global_batch_size=BATCH,
+        global_batch_size=BATCH * ep,
         sequence_length=SEQ,
         lr=LearningRateSchedule(peak=1e-4, warmup_steps=1, decay="constant"),
     )
-    plan = Plan(
+    per_rank = ARCH.num_experts // ep
+    return Plan(
         model=ARCH,
         training=training,
-        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
+        parallel=ParallelDegrees(pp=1, dp=ep, ep=ep),
         stages=[
             StagePlan(
                 index=0,
@@ -83,31 +93,39 @@ def our_trainer(workdir: Path, *, compile_regions: bool = False) -> Trainer:
         ],
         replicas=[
             ReplicaPlan(
-                dp_index=0, samples_per_step=BATCH, microbatch_size=BATCH, num_microbatches=1
+                dp_index=j, samples_per_step=BATCH, microbatch_size=BATCH, num_microbatches=1
             )
+            for j in range(ep)
         ],
         ranks=[
             RankPlan(
-                rank=0,
+                rank=j,
                 pool="local",
                 grade="cpu",
                 node_slot=0,
-                local_rank=0,
+                local_rank=j,
                 stage=0,
-                dp_index=0,
+                dp_index=j,
                 ep_group=0,
-                ep_rank=0,
-                experts=list(range(ARCH.num_experts)),
+                ep_rank=j,
+                experts=list(range(j * per_rank, (j + 1) * per_rank)),
             )
+            for j in range(ep)
         ],
     )
+
+
+def our_trainer(
+    workdir: Path, *, compile_regions: bool = False, ep: int = 1, rank: int = 0
+) -> Trainer:
+    """The trainer of rank ``rank`` of :func:`our_plan` (the default group must exist)."""
     options = TrainerOptions(
         checkpoint_dir=workdir,
         checkpoint_interval=10**9,
         peak_flops=1.0,
         compile=compile_regions,
     )
-    return Trainer(build_context(plan, 0, pick_device(0)), options)
+    return Trainer(build_context(our_plan(ep), rank, pick_device(0)), options)
 
 
 def hf_step_fn(*, fused: bool = False) -> tuple[Callable[[], None], str]:
@@ -159,6 +177,62 @@ def timed(fn: Callable[[], object], cpu: list[float] | None = None) -> float:
     return time.perf_counter() - start
 
 
+def _ep_worker(rank: int, args: argparse.Namespace, port: int, out: str) -> None:
+    """One EP member: warm up, then time ``--repeats`` steps started together."""
+    torch.set_num_threads(args.threads)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=args.ep
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = our_trainer(Path(tmp), compile_regions=args.compile, ep=args.ep, rank=rank)
+        timer = trainer.context.expert_parallel.timer
+        rows = []
+        for i in range(args.warmup + args.repeats):
+            dist.barrier()
+            exposed, in_flight = timer.seconds, timer.in_flight_seconds
+            seconds = timed(trainer.train_step)
+            if i >= args.warmup:
+                rows.append(
+                    {
+                        "step_s": seconds,
+                        "exposed_s": timer.seconds - exposed,
+                        "in_flight_s": timer.in_flight_seconds - in_flight,
+                    }
+                )
+    dist.destroy_process_group()
+    if rank == 0:
+        Path(out).write_text(json.dumps(rows))
+
+
+def run_ep(args: argparse.Namespace) -> None:
+    """``--ep``: step time and exposed vs in-flight all-to-all of rank 0, as a table and JSON."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "rows.json")
+        mp.start_processes(_ep_worker, args=(args, port, out), nprocs=args.ep, start_method="fork")
+        rows = json.loads(Path(out).read_text())
+    median = {key: statistics.median(row[key] for row in rows) for key in rows[0]}
+    result = {
+        "ep": args.ep,
+        "threads": args.threads,
+        "load_average_1m": os.getloadavg()[0],
+        "tokens_per_step": BATCH * SEQ * args.ep,
+        "median": median,
+        "overlapped_share": statistics.median(
+            1 - row["exposed_s"] / row["in_flight_s"] for row in rows if row["in_flight_s"]
+        ),
+        "steps": rows,
+    }
+    print(f"{'ep':>4}{'step s':>10}{'a2a exposed s':>16}{'a2a in flight s':>18}{'overlapped':>12}")
+    print(
+        f"{args.ep:>4}{median['step_s']:>10.3f}{median['exposed_s']:>16.3f}"
+        f"{median['in_flight_s']:>18.3f}{result['overlapped_share']:>12.0%}"
+    )
+    print(json.dumps(result))
+
+
 def main() -> None:
     """Run the comparison and print a table and JSON."""
     parser = argparse.ArgumentParser(description=__doc__)
@@ -168,7 +242,15 @@ def main() -> None:
     parser.add_argument(
         "--compile", action="store_true", help="regional torch.compile of our layers"
     )
+    parser.add_argument(
+        "--ep", type=int, default=1, help="> 1: expert-parallel run over this many processes"
+    )
     args = parser.parse_args()
+    if args.ep > 1:
+        if ARCH.num_experts % args.ep:
+            parser.error(f"--ep must divide the {ARCH.num_experts} experts")
+        run_ep(args)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 
 import pytest
@@ -123,6 +125,14 @@ def _check_scenario(rank: int, rank_experts: list[list[int]]) -> None:
 
 
 def _worker(rank: int, world: int, port: int, scenarios: list[list[list[int]]]) -> None:
+    with gloo_group(rank, world, port):
+        for rank_experts in scenarios:
+            _check_scenario(rank, rank_experts)
+
+
+@contextmanager
+def gloo_group(rank: int, world: int, port: int) -> Iterator[None]:
+    """The default process group of one spawned worker (gloo, single-threaded compute)."""
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -132,13 +142,13 @@ def _worker(rank: int, world: int, port: int, scenarios: list[list[list[int]]]) 
         timeout=timedelta(seconds=TIMEOUT_S),
     )
     try:
-        for rank_experts in scenarios:
-            _check_scenario(rank, rank_experts)
+        yield
     finally:
         dist.destroy_process_group()
 
 
-def _spawn(world: int, scenarios: list[list[list[int]]]) -> None:
+def spawn(worker: Callable[..., None], world: int, *args: object) -> None:
+    """Run ``worker(rank, world, port, *args)`` in ``world`` processes; fail on error or timeout."""
     # A fork server that imported torch once forks the workers: no per-worker torch
     # import (seconds each on a busy 2-core machine) and no fork of a process that
     # already started OpenMP threads.
@@ -146,8 +156,8 @@ def _spawn(world: int, scenarios: list[list[list[int]]]) -> None:
         ["torch", "torch.distributed", "hetmoe_operator.plan", "hetmoe_trainer.model"]
     )
     context = mp.start_processes(
-        _worker,
-        args=(world, _free_port(), scenarios),
+        worker,
+        args=(world, _free_port(), *args),
         nprocs=world,
         join=False,
         start_method="forkserver",
@@ -157,16 +167,16 @@ def _spawn(world: int, scenarios: list[list[list[int]]]) -> None:
         if time.monotonic() > deadline:
             for process in context.processes:
                 process.kill()
-            pytest.fail(f"{world}-process dispatch test timed out")
+            pytest.fail(f"{world}-process test timed out")
 
 
 def test_two_processes_even_and_uneven_split():
-    _spawn(2, [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1, 2, 3, 4], [5, 6, 7]]])
+    spawn(_worker, 2, [[[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1, 2, 3, 4], [5, 6, 7]]])
 
 
 def test_four_processes_with_a_replicated_hot_expert():
     # Expert 0 lives on members 0 and 3; member 3 hosts nothing else.
-    _spawn(4, [[[0, 1], [2, 3, 4], [5, 6, 7], [0]], [[0, 1, 2], [3], [4, 5, 6, 7], [0, 3]]])
+    spawn(_worker, 4, [[[0, 1], [2, 3, 4], [5, 6, 7], [0]], [[0, 1, 2], [3], [4, 5, 6, 7], [0, 3]]])
 
 
 def test_expert_parallel_rejects_unhosted_experts():

@@ -145,14 +145,26 @@ class MoE(nn.Module):
         self._aux_calls += 1
 
     def forward(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        """``x``: ``[B, S, H]`` normalised hidden states; ``step``: global optimizer step."""
+        """``x``: ``[B, S, H]`` normalised hidden states; ``step``: global optimizer step.
+
+        The shared expert runs in two halves of the tokens, each while one of the
+        round trip's all-to-alls is in flight (and, in backward, each half's gradient
+        while that exchange's transpose is): the overlap the planner's cost model
+        assumes. Halves of the tokens, not of the FFN, so the shared expert stays a
+        module called whole (hooks, regional compile and the align tool, which names
+        the second call ``#2``, still see it).
+        """
         routing = self.gate(x, step)
+        shared = self.shared_experts
+        halves = x.flatten(0, 1).tensor_split(2)
         # Under autocast the experts compute in bf16 anyway: send bf16, not fp32.
-        flat = x.flatten(0, 1).to(compute_dtype(x))
-        out = self.dispatcher(flat, routing.expert_ids, routing.weights, self._compute)
-        out = out.view_as(x)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
+        trip = self.dispatcher.send(x.flatten(0, 1).to(compute_dtype(x)), routing.expert_ids)
+        first = shared(halves[0]) if shared is not None else None  # hides the dispatch
+        trip.compute(self._compute)
+        second = shared(halves[1]) if shared is not None else None  # hides the combine
+        out = trip.combine(routing.weights).view_as(x)
+        if first is not None and second is not None:
+            out = out + torch.cat([first, second]).view_as(x)
 
         self._record(routing.counts, torch.stack([routing.aux_loss, routing.z_loss]).detach())
         if self.training and out.requires_grad:
