@@ -321,6 +321,22 @@ class Plan(ApiModel):
         """Number of worker processes."""
         return len(self.ranks)
 
+    @property
+    def splits_backward(self) -> bool:
+        """Whether the pipeline runs a zero-bubble schedule (backward split in two)."""
+        return self.parallel.pp > 1 and (self.split_backward or self.pipeline_shape == "v")
+
+    @property
+    def schedule_name(self) -> str:
+        """The pipeline schedule this plan runs, named for people."""
+        if self.parallel.pp == 1:
+            return "no pipeline"
+        if self.pipeline_shape == "v":
+            return "zero-bubble V"
+        if self.split_backward:
+            return "ZB-H1" if self.virtual_stages == 1 else "ZB1P"
+        return "1F1B" if self.virtual_stages == 1 else "interleaved 1F1B"
+
     def stages_at(self, position: int) -> list[StagePlan]:
         """The stages (chunks) pipeline position ``position`` holds, in schedule order."""
         if self.pipeline_shape == "v":

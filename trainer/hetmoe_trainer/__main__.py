@@ -196,7 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         grad_bucket_bytes=max(1, int(args.grad_bucket_mb * (1 << 20))),
         compile=args.compile,
     )
-    code = Trainer(context, options).run()
+    try:
+        trainer = Trainer(context, options)
+    except PlanError as error:  # e.g. --compile with a plan that splits the backward
+        log.error("configuration error: %s", error)
+        dist.destroy_process_group()
+        return WorkerExit.CONFIG_ERROR
+    code = trainer.run()
     dist.destroy_process_group()
     return code
 

@@ -90,21 +90,33 @@ def validate_plan(plan: Plan) -> None:
     if sorted(r.dp_index for r in plan.replicas) != list(range(degrees.dp)):
         raise PlanError("replicas must be numbered 0..dp-1")
     replicas = {r.dp_index: r for r in plan.replicas}
+    schedule = plan.schedule_name
     for replica in plan.replicas:
-        if replica.num_microbatches < degrees.pp:
+        if degrees.pp > 1 and replica.num_microbatches < degrees.pp:
             raise PlanError(
-                f"replica {replica.dp_index}: 1F1B needs at least one microbatch per stage "
-                f"(pp {degrees.pp}), got {replica.num_microbatches}; use smaller microbatches "
-                "or a shallower pipeline"
+                f"replica {replica.dp_index}: {schedule} needs at least one microbatch per "
+                f"stage (pp {degrees.pp}), got {replica.num_microbatches}; use smaller "
+                "microbatches or a shallower pipeline"
             )
-    if plan.virtual_stages > 1 and degrees.pp > 1:
-        for replica in plan.replicas:
-            if replica.num_microbatches % degrees.pp:
+    # ZB-V accepts any count (it plans max(2 pp - 1, n) microbatches and drops the
+    # missing ones); ZB1P runs max(1, n // pp) equal rounds; interleaved 1F1B runs
+    # rounds of pp.
+    for replica in plan.replicas if degrees.pp > 1 else ():
+        count = replica.num_microbatches
+        if plan.splits_backward and plan.pipeline_shape == "loop":
+            rounds = max(1, count // degrees.pp)
+            if count % rounds:
                 raise PlanError(
-                    f"replica {replica.dp_index}: interleaved 1F1B (virtual_stages="
-                    f"{plan.virtual_stages}) needs num_microbatches to be a multiple of "
-                    f"pp {degrees.pp}, got {replica.num_microbatches}"
+                    f"replica {replica.dp_index}: {schedule} runs num_microbatches in "
+                    f"{rounds} equal rounds (num_microbatches // pp), so {count} does not "
+                    "divide; use a multiple of pp"
                 )
+        elif plan.virtual_stages > 1 and plan.pipeline_shape == "loop" and count % degrees.pp:
+            raise PlanError(
+                f"replica {replica.dp_index}: interleaved 1F1B (virtual_stages="
+                f"{plan.virtual_stages}) needs num_microbatches to be a multiple of "
+                f"pp {degrees.pp}, got {count}"
+            )
     for stage in range(degrees.pp):
         groups: dict[int, list[RankPlan]] = {}
         for rank in plan.ranks:
@@ -204,7 +216,8 @@ def build_context(plan: Plan, plan_rank: int, device: DeviceChoice) -> ParallelC
         grid[rank.stage][rank.dp_index] = process_of[rank.rank]
     # Group ranks follow the mesh (pp group rank = pipeline position), not process
     # ranks: torchrun's c10d rendezvous numbers processes in arrival order, and the
-    # interleaved schedule places virtual stage s on pp-group rank s % pp.
+    # interleaved schedule places virtual stage s on pp-group rank s % pp (ZB-V on
+    # rank s or 2 pp - 1 - s).
     mesh = DeviceMesh(
         device.device.type,
         torch.tensor(grid),

@@ -44,7 +44,7 @@ from hetmoe_trainer.anomaly import (
 )
 from hetmoe_trainer.checkpoint import Checkpointer, training_state
 from hetmoe_trainer.data import SampleStream, batch_tensors, build_source, replica_slice
-from hetmoe_trainer.distributed import ParallelContext
+from hetmoe_trainer.distributed import ParallelContext, PlanError
 from hetmoe_trainer.gradsync import DEFAULT_BUCKET_BYTES, GradientSync
 from hetmoe_trainer.metrics import (
     MetricsServer,
@@ -145,6 +145,12 @@ class Trainer:
 
     def __init__(self, context: ParallelContext, options: TrainerOptions) -> None:
         plan, me = context.plan, context.me
+        if options.compile and plan.splits_backward:
+            raise PlanError(
+                f"regional torch.compile cannot run under the {plan.schedule_name} schedule "
+                "(torch does not split a compiled region's backward into input and weight "
+                "gradients): drop --compile, or plan 1F1B or interleaved 1F1B"
+            )
         training = plan.training
         self.context = context
         self.options = options

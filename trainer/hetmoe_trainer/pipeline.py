@@ -31,6 +31,29 @@ after the backward (gradient sync, optimizer, checkpoint) are the same as with 1
 That schedule places virtual stage ``s`` on pp-group rank ``s % pp``; the pp group's
 ranks follow the pipeline positions whatever order torchrun numbered the processes in
 (``build_context`` keeps the mesh's rank order).
+
+Zero-bubble V (``plan.pipeline_shape == "v"``, two chunks per position): position ``r``
+holds stages ``r`` and ``2 pp - 1 - r`` (:meth:`Plan.stages_at`) under
+``ScheduleZBVZeroBubble``, which places them on pp-group rank ``r`` itself. Position 0
+then holds both the embedding and the LM head, so "reads inputs" and "needs targets /
+reports the loss" are decided by the stage indices a position holds, never by the
+position alone. ZBV splits each backward into an input-gradient action (I) and a
+weight-gradient action (W) that runs later (``torch.autograd.grad`` on saved graph
+nodes, not ``.backward()``); what that means for the rest of the step:
+
+- gradients still accumulate into ``param.grad`` once per microbatch, so the sum over
+  microbatches and the gradient sync after the schedule are unchanged;
+- ``register_post_accumulate_grad_hook`` does not fire for W's direct ``.grad``
+  writes (only stage 0, whose W is a full backward, fires it), so overlapped gradient
+  sync launches little or nothing during backward and :meth:`GradientSync.sync` sends
+  the rest: correct, with less overlap;
+- expert-parallel all-to-alls run in I (they lie between a stage's output and input);
+  every member of an EP group runs the same action sequence, so they still pair up;
+- activation recompute re-runs a checkpointed layer in I and again in W (a second
+  autograd pass over the same graph): correct, roughly one extra layer forward per
+  recomputed layer and microbatch;
+- regional ``torch.compile`` is rejected (torch does not support the I/W split of
+  compiled regions).
 """
 
 from __future__ import annotations
@@ -42,11 +65,21 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleInterleaved1F1B
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleInterleaved1F1B,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 
 from hetmoe_trainer.distributed import ParallelContext, PlanError
 from hetmoe_trainer.model import Stage
 from hetmoe_trainer.model.dispatch import ExchangeTimer
+
+_Schedule = (
+    Schedule1F1B | ScheduleInterleaved1F1B | ScheduleInterleavedZeroBubble | ScheduleZBVZeroBubble
+)
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -139,9 +172,13 @@ class StepRunner:
             context.device.compute_dtype,
             context.expert_parallel.timer,
         )
-        self.is_first = context.me.stage == 0
-        self.is_last = context.me.stage == plan.parallel.pp - 1
-        self._schedule: Schedule1F1B | ScheduleInterleaved1F1B | None = None
+        self.stage_indices = [chunk.index for chunk in plan.stages_at(context.me.stage)]
+        """The (virtual) stages my position holds, in schedule order."""
+        self.is_first = 0 in self.stage_indices
+        """I hold the embedding (stage 0): I read the input tokens."""
+        self.is_last = len(plan.stages) - 1 in self.stage_indices
+        """I hold the LM head (last stage): I need the targets and report the loss."""
+        self._schedule: _Schedule | None = None
         if plan.parallel.pp > 1:
             self._schedule = self._build_schedule()
 
@@ -150,35 +187,40 @@ class StepRunner:
         loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), reduction="sum")
         return loss * (self._token_weight * self.loss_scale)
 
-    def _build_schedule(self) -> Schedule1F1B | ScheduleInterleaved1F1B:
+    def _build_schedule(self) -> _Schedule:
         plan, context = self.context.plan, self.context
         pp, virtual = plan.parallel.pp, plan.virtual_stages
         # The pp group orders members by process rank, not by stage: tell each stage
         # which group rank holds each (virtual) stage of my replica.
         column = [context.mesh.mesh[s][context.me.dp_index].item() for s in range(pp)]
         group_rank = [dist.get_group_rank(context.pp_group, process) for process in column]
-        to_group_rank = {s: group_rank[s % pp] for s in range(pp * virtual)}
-        if virtual == 1:
+        if virtual == 1 and not plan.splits_backward:
             pipe = self._pipeline_stage(0, context.me.stage, pp, self.compute)
-            pipe.stage_index_to_group_rank = to_group_rank
+            pipe.stage_index_to_group_rank = {s: group_rank[s] for s in range(pp)}
             return Schedule1F1B(
                 pipe, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False
             )
         if group_rank != list(range(pp)):
             raise PlanError(
-                "interleaved 1F1B needs the pp group's ranks in stage order "
+                f"{plan.schedule_name} needs the pp group's ranks in stage order "
                 f"(replica {context.me.dp_index} has processes {column} for stages 0..{pp - 1} "
                 f"at group ranks {group_rank}); build the mesh with preserve_rank_order"
             )
-        pipes = [
-            self._pipeline_stage(
-                k, context.me.stage + k * pp, pp * virtual, ChunkCompute(self.compute, k)
-            )
-            for k in range(len(self.stage.chunks))
-        ]
-        return ScheduleInterleaved1F1B(
-            pipes, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False
+        if virtual == 1:  # ZB-H1: the whole stage module, as under 1F1B
+            pipes = [self._pipeline_stage(0, context.me.stage, pp, self.compute)]
+        else:
+            pipes = [
+                self._pipeline_stage(k, index, pp * virtual, ChunkCompute(self.compute, k))
+                for k, index in enumerate(self.stage_indices)
+            ]
+        schedule = (
+            ScheduleZBVZeroBubble
+            if plan.pipeline_shape == "v"
+            else ScheduleInterleavedZeroBubble
+            if plan.splits_backward
+            else ScheduleInterleaved1F1B
         )
+        return schedule(pipes, self.num_microbatches, loss_fn=self.loss_fn, scale_grads=False)
 
     def _pipeline_stage(
         self, chunk: int, index: int, num_stages: int, module: nn.Module
@@ -213,8 +255,9 @@ class StepRunner:
     ) -> torch.Tensor:
         """Forward + backward of all microbatches; returns this rank's share of the loss.
 
-        ``inputs`` is needed on the first stage, ``targets`` on the last; the returned
-        scalar is the replica's contribution to the global mean loss (0 off the last stage).
+        ``inputs`` is needed where stage 0 lives, ``targets`` where the last stage lives
+        (both on position 0 with the v shape); the returned scalar is the replica's
+        contribution to the global mean loss (0 where the last stage does not live).
         """
         self.stage.set_step(step)
         self.stage.train()
@@ -229,12 +272,11 @@ class StepRunner:
                 total += loss.detach()
             return total
         losses: list[torch.Tensor] = []
-        if self.is_first:
-            self._schedule.step(inputs)
-        elif self.is_last:
-            self._schedule.step(target=targets, losses=losses)
+        args = (inputs,) if self.is_first else ()
+        if self.is_last:
+            self._schedule.step(*args, target=targets, losses=losses, return_outputs=False)
         else:
-            self._schedule.step()
+            self._schedule.step(*args)
         for loss in losses:
             total += loss.detach().float()
         return total

@@ -27,6 +27,9 @@ def make_plan(
     warmup: int = 2,
     virtual_stages: int = 1,
     rank_experts: list[list[int]] | None = None,
+    pipeline_shape: str = "loop",
+    split_backward: bool = False,
+    recompute: bool = False,
 ) -> Plan:
     """A valid plan of the tiny preset.
 
@@ -34,7 +37,10 @@ def make_plan(
     (default: as even as possible);
     ``replicas``: ``(microbatch_size, num_microbatches)`` per replica (default 2 x 2);
     ``rank_experts``: routed experts per EP rank (default: an even split); an expert
-    listed under several EP ranks is a replicated hot expert.
+    listed under several EP ranks is a replicated hot expert;
+    ``pipeline_shape``: ``"v"`` (with ``virtual_stages=2``) for the zero-bubble V;
+    ``split_backward``: with the loop shape, ZB-H1 (v = 1) or ZB1P (v > 1);
+    ``recompute``: activation recompute on every stage.
     """
     arch = PRESETS["tiny"]
     layers = arch.num_hidden_layers
@@ -52,6 +58,7 @@ def make_plan(
                 layer_end=start + count,
                 has_embedding=index == 0,
                 has_head=index == num_stages - 1,
+                recompute_activations=recompute,
             )
         )
         start += count
@@ -100,6 +107,8 @@ def make_plan(
         parallel=ParallelDegrees(pp=pp, dp=dp, ep=ep),
         stages=stages,
         virtual_stages=virtual_stages,
+        pipeline_shape=pipeline_shape,  # type: ignore[arg-type]
+        split_backward=split_backward,
         replicas=replica_plans,
         ranks=ranks,
     )

@@ -65,3 +65,15 @@ def test_torchrun_elastic_restart_resumes(tmp_path: Path) -> None:
     progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
     assert progress["state"] == "finished" and progress["restarts"] == 1
     assert sorted(losses(tmp_path / "ckpt")) == list(range(1, 9))
+
+
+def test_a_trainer_option_the_plan_cannot_run_exits_78_without_a_traceback(
+    tmp_path: Path,
+) -> None:
+    plan = make_plan(pp=2, split_backward=True, steps=2)
+    result = run_torchrun(plan, tmp_path, "--compile", timeout=300)
+    assert result.returncode != 0
+    assert f"exitcode  : {WorkerExit.CONFIG_ERROR}" in result.stderr
+    assert "configuration error: regional torch.compile cannot run" in result.stderr
+    # torchrun reports a failed worker with a traceback of its own; the workers print none.
+    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -106,25 +106,31 @@ class NormHead(nn.Module):
         return F.linear(x, weight).float()
 
 
-@contextmanager
-def _stats_paused(layer: DecoderLayer) -> Iterator[None]:
-    """Recompute re-runs the forward in backward: keep its load and loss stats out."""
-    mlp = layer.mlp
-    if not isinstance(mlp, MoE):
-        yield
-        return
-    mlp.record_stats = False
-    try:
-        yield
-    finally:
-        mlp.record_stats = True
+class _StatsPaused:
+    """Recompute re-runs the forward in backward: keep its load and loss stats out.
+
+    A class, not a ``@contextmanager`` generator, because checkpoint enters the same
+    recompute context once per backward pass over the layer: twice under the
+    zero-bubble V schedule, whose input- and weight-gradient passes each recompute.
+    """
+
+    def __init__(self, layer: DecoderLayer) -> None:
+        self._mlp = layer.mlp if isinstance(layer.mlp, MoE) else None
+
+    def __enter__(self) -> None:
+        if self._mlp is not None:
+            self._mlp.record_stats = False
+
+    def __exit__(self, *exc: object) -> None:
+        if self._mlp is not None:
+            self._mlp.record_stats = True
 
 
 def _recompute_contexts(
     layer: DecoderLayer,
 ) -> tuple[AbstractContextManager[None], AbstractContextManager[None]]:
     """Contexts for activation checkpointing: plain forward, stats paused on recompute."""
-    return nullcontext(), _stats_paused(layer)
+    return nullcontext(), _StatsPaused(layer)
 
 
 class Stage(nn.Module):
