@@ -108,6 +108,8 @@ def optimality(instances: int, seed: int) -> dict[str, Any]:
     ratios: list[float] = []
     any_count: list[float] = []
     interleaved = 0
+    zero_bubble = 0
+    zb1p = 0
     skipped = 0
     started = time.monotonic()
     while len(ratios) < instances:
@@ -120,7 +122,9 @@ def optimality(instances: int, seed: int) -> dict[str, Any]:
         plan = plan_job(model, training, cluster, PlacementSpec())
         assert plan.prediction is not None
         ratios.append(plan.prediction.step_time.total / best[0].step.total)
-        interleaved += best[1].virtual > 1
+        interleaved += best[1].virtual > 1 and not best[1].zero_bubble
+        zero_bubble += best[1].shape == "v"
+        zb1p += best[1].split_backward
         # The same question when a plan may also leave devices the batch could feed idle.
         free = exhaustive_best(problem, max_groups=8, every_group_count=True)
         assert free is not None
@@ -133,6 +137,8 @@ def optimality(instances: int, seed: int) -> dict[str, Any]:
         "max_ratio": max(ratios),
         "optimal_fraction": sum(r <= 1 + 1e-9 for r in ratios) / len(ratios),
         "optimum_interleaved": interleaved,
+        "optimum_zero_bubble": zero_bubble,
+        "optimum_zb1p": zb1p,
         "any_group_count": {
             "mean_ratio": statistics.fmean(any_count),
             "p95_ratio": percentile(any_count, 0.95),
@@ -146,7 +152,8 @@ def optimality(instances: int, seed: int) -> dict[str, Any]:
         ["exhaustive space", "instances", "mean", "p95", "max", "exactly optimal", "target"],
         [
             [
-                f"planner's group rule ({interleaved} optima interleaved)",
+                f"planner's group rule ({interleaved} optima interleave, {zero_bubble} ZB-V, "
+                f"{zb1p} ZB-H1/ZB1P)",
                 result["instances"],
                 f"{result['mean_ratio']:.4f}",
                 f"{result['p95_ratio']:.4f}",
@@ -256,6 +263,8 @@ def suite() -> dict[str, Any]:
             "grades_used": sorted({r.grade for r in comparison.plan.ranks}),
             "degrees": comparison.plan.parallel.model_dump(),
             "virtual_stages": comparison.plan.virtual_stages,
+            "pipeline_shape": comparison.plan.pipeline_shape,
+            "split_backward": comparison.plan.split_backward,
         }
         records.append(record)
         rows.append(
@@ -317,7 +326,13 @@ def suite() -> dict[str, Any]:
 
 def _degrees(plan: Any) -> str:
     p = plan.parallel
-    return f"pp{p.pp} dp{p.dp} ep{p.ep} v{plan.virtual_stages}"
+    if plan.pipeline_shape == "v":
+        schedule = " ZB-V"
+    elif plan.split_backward:
+        schedule = " ZB-H1" if plan.virtual_stages == 1 else " ZB1P"
+    else:
+        schedule = ""
+    return f"pp{p.pp} dp{p.dp} ep{p.ep} v{plan.virtual_stages}{schedule}"
 
 
 # -- mixed-grade pipelines -----------------------------------------------------------

@@ -13,8 +13,11 @@ batch feeds; optionally (``every_group_count``) any smaller number of groups too
 pp > 1, every count of chunks per position v (interleaved 1F1B) from 1 up to the
 smallest stage's layer count, when every group's microbatch count is a multiple of pp
 and every group's stages are seated in plan-rank (pool cluster) order, which the
-trainer's interleaved schedule needs. Only feasible for tiny instances, which is what
-it is for.
+trainer's interleaved schedule needs; each of those also with the backward split
+(ZB1P, ZB-H1 for v = 1; torch's ScheduleInterleavedZeroBubble, when every group's
+count is a multiple of max(1, count // pp)); and, for every split whose positions hold
+at least two layers, ZB-V (two chunks per position in V order, any microbatch count).
+Only feasible for tiny instances, which is what it is for.
 """
 
 from __future__ import annotations
@@ -129,14 +132,26 @@ def exhaustive_best(
                 for bounds in _splits(model.num_hidden_layers, pp):
                     smallest = min(b - a for a, b in itertools.pairwise(bounds))
                     virtuals = range(1, smallest + 1) if pp > 1 and ordered else (1,)
+                    schedules = [(v, "loop", False) for v in virtuals]
+                    if pp > 1:  # ZB1P / ZB-H1: the same with the backward split
+                        schedules += [(v, "loop", True) for v in virtuals]
+                    if pp > 1 and smallest >= 2:  # ZB-V: two chunks per position, V order
+                        schedules.append((2, "v", True))
                     for micro in _divisors(batch):
                         rows, rest = divmod(batch // micro, ep)
                         if rest or rows < len(groups):
                             continue
                         # 1F1B needs a microbatch per stage
                         for counts in _distributions(rows, groups, pp):
-                            for redundant, virtual in itertools.product((True, False), virtuals):
-                                if virtual > 1 and any(c % pp for c in counts):
+                            for redundant, (virtual, shape, split) in itertools.product(
+                                (True, False), schedules
+                            ):
+                                if shape == "loop" and split:
+                                    if any(c % max(1, c // pp) for c in counts):
+                                        continue
+                                elif (
+                                    shape == "loop" and virtual > 1 and any(c % pp for c in counts)
+                                ):
                                     continue
                                 layout = Layout(
                                     pp,
@@ -148,6 +163,8 @@ def exhaustive_best(
                                     (False,) * pp,
                                     redundant,
                                     virtual,
+                                    shape,
+                                    split,
                                 )
                                 evaluation = evaluate(problem, layout)
                                 if evaluation.fits and (

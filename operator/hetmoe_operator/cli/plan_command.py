@@ -167,6 +167,35 @@ def _alternative_row(alt: Alternative, currency: str) -> list[str]:
     ]
 
 
+def _schedule(plan: Plan) -> str:
+    """The pipeline schedule the trainer will run, and which chunks each position holds."""
+    pp = plan.parallel.pp
+    if pp == 1:
+        return "no pipeline (one stage)"
+    if plan.pipeline_shape == "v":
+        return (
+            "zero-bubble V (ZB-V, torch ScheduleZBVZeroBubble): position r holds stages r "
+            f"and {2 * pp - 1} - r, weight gradients fill the bubble"
+        )
+    if plan.split_backward:
+        if plan.virtual_stages == 1:
+            return (
+                "ZB-H1 (torch ScheduleInterleavedZeroBubble, one stage per position): 1F1B "
+                "with the backward split, weight gradients fill the drain"
+            )
+        return (
+            f"ZB1P (torch ScheduleInterleavedZeroBubble), {plan.virtual_stages} virtual "
+            f"stages per position: position r holds stages r, r + {pp}, ...; weight "
+            "gradients fill the bubble"
+        )
+    if plan.virtual_stages > 1:
+        return (
+            f"interleaved 1F1B, {plan.virtual_stages} virtual stages per position: "
+            f"position r holds stages r, r + {pp}, ..."
+        )
+    return "1F1B"
+
+
 def render(comparison: Comparison) -> str:
     """Human-readable report of the plan and its comparison."""
     plan: Plan = comparison.plan
@@ -176,12 +205,8 @@ def render(comparison: Comparison) -> str:
     p = plan.parallel
     lines = [
         f"plan for {plan.job}: objective {plan.objective}, {plan.world_size} devices, "
-        f"pp={p.pp} dp={p.dp} ep={p.ep} tp={p.tp}"
-        + (
-            f", {plan.virtual_stages} virtual stages per position"
-            if plan.virtual_stages > 1
-            else ""
-        ),
+        f"pp={p.pp} dp={p.dp} ep={p.ep} tp={p.tp}",
+        f"schedule: {_schedule(plan)}",
         "",
         "pools",
     ]
@@ -216,9 +241,9 @@ def render(comparison: Comparison) -> str:
     memory = {(m.pool, m.stage): m for m in prediction.memory}
     rows = []
     for stage in plan.stages:
-        # With interleaving (virtual_stages > 1) ranks, memory and times are per
-        # pipeline position; stage s runs on position s % pp.
-        position = stage.index % p.pp
+        # With several chunks per position (virtual_stages > 1) ranks, memory and
+        # times are per pipeline position (ranks' ``stage``); see Plan.position_of.
+        position = plan.position_of(stage.index)
         pools = sorted({r.pool for r in plan.ranks if r.stage == position})
         peak = max(
             (memory[(pool, position)] for pool in pools),
@@ -229,6 +254,7 @@ def render(comparison: Comparison) -> str:
         rows.append(
             [
                 str(stage.index),
+                str(position),
                 f"{stage.layer_start}-{stage.layer_end - 1}" if stage.layers else "(none)",
                 ("embedding " if stage.has_embedding else "") + ("head" if stage.has_head else ""),
                 "yes" if stage.recompute_activations else "no",
@@ -240,7 +266,8 @@ def render(comparison: Comparison) -> str:
                 else "-",
             ]
         )
-    headers = ["stage", "layers", "extras", "recompute", "pools", "peak memory", "time per step"]
+    headers = ["stage", "position", "layers", "extras", "recompute", "pools", "peak memory"]
+    headers.append("time per step")
     lines += _table(headers, rows)
     step = prediction.step_time
     lines += [

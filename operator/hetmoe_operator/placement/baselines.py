@@ -92,13 +92,17 @@ def even_split_layout(problem: Problem, pp: int, ep: int, microbatch_size: int) 
 
 
 def _interleaved(layout: Layout) -> list[Layout]:
-    """The even split with 2, 4, ... chunks per stage (interleaved 1F1B), where every
-    stage has that many layers and every replica whole rounds of pp microbatches: a
-    grade-blind launcher may interleave too."""
-    if layout.pp == 1 or any(count % layout.pp for count in layout.microbatches):
+    """The even split as ZB-V (two chunks per stage in V order), ZB-H1 (1F1B with the
+    backward split) and with 2, 4, ... chunks per stage (interleaved 1F1B), where every
+    stage has that many layers and, for ZB-H1 and interleaved, every replica whole
+    rounds of pp microbatches: a grade-blind launcher may pick any of them too."""
+    if layout.pp == 1:
         return []
     fewest = min(b - a for a, b in itertools.pairwise(layout.bounds))
-    variants = []
+    variants = [replace(layout, virtual=2, shape="v")] if fewest >= 2 else []
+    if any(count % layout.pp for count in layout.microbatches):
+        return variants
+    variants.append(replace(layout, split_backward=True))
     virtual = 2
     while virtual <= fewest:
         variants.append(replace(layout, virtual=virtual))
@@ -129,7 +133,7 @@ def best_even_split(problem: Problem, degrees: Sequence[tuple[int, int]]) -> Alt
         evaluation,
         sum(layout.devices_per_pool().values()),
         f"pp={layout.pp} ep={layout.ep} dp={layout.dp}"
-        + (f" v={layout.virtual}" if layout.virtual > 1 else ""),
+        + ("" if layout.schedule_name == "1F1B" else f" {layout.schedule_name}"),
     )
 
 

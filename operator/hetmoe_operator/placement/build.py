@@ -70,7 +70,46 @@ def describe_inputs(problem: Problem, layout: Layout) -> list[str]:
         f"{placement.imbalance:.3f} (max/mean)"
     )
     assumptions = problem.assumptions.describe()
-    if layout.virtual > 1:
+    if layout.shape == "v":
+        lines.append(
+            "pipeline schedule: zero-bubble V (ZB-V, Qi et al. 2024; torch "
+            "ScheduleZBVZeroBubble): position r holds stages r and 2 pp - 1 - r (position 0 "
+            "the embedding and the LM head); backward split into input gradient (B) and "
+            "weight gradient (W); the step time is simulated in torch's action order"
+        )
+        lines.append(
+            f"ZB-V work split: F = 1 forward, W = {problem.assumptions.backward_factor / 2:g} "
+            "forwards of the weighted matmuls (the attention core has no weight gradient), "
+            "B = the rest of the backward plus any recomputation (matmul-dominated: "
+            "W ~ B ~ F in FLOPs); exposed all-to-all in F and B, none in W"
+        )
+        lines.append(
+            "ZB-V memory: activations of every chunk-microbatch alive from its F to its W, "
+            "replayed in torch's order; a microbatch whose W is deferred also holds the "
+            "gradients of its weighted matmuls' outputs (and its recomputed activations)"
+        )
+        assumptions = [line for line in assumptions if not line.startswith("1F1B schedule:")]
+    elif layout.split_backward:
+        name = "ZB-H1" if layout.virtual == 1 else f"ZB1P with {layout.virtual} chunks"
+        lines.append(
+            f"pipeline schedule: {name} (Qi et al. 2024; torch ScheduleInterleavedZeroBubble): "
+            "1F1B's order with the backward split into input gradient (B) and weight "
+            "gradient (W); position r defers r W's into its drain; the step time is "
+            "simulated in torch's action order"
+        )
+        lines.append(
+            f"{name} work split: F = 1 forward, W = {problem.assumptions.backward_factor / 2:g} "
+            "forwards of the weighted matmuls, B = the rest of the backward plus any "
+            "recomputation; exposed all-to-all in F and B, none in W"
+        )
+        lines.append(
+            f"{name} memory: activations alive from F to W, replayed in torch's order: "
+            "position r keeps about pp - r microbatches before B and r with a deferred W "
+            "(those also hold their weighted matmuls' output gradients), so about pp "
+            "microbatches on every position, not 1F1B's pp - r"
+        )
+        assumptions = [line for line in assumptions if not line.startswith("1F1B schedule:")]
+    elif layout.virtual > 1:
         lines.append(
             f"pipeline schedule: interleaved 1F1B, {layout.virtual} chunks (virtual stages) "
             f"per position: fill/drain {1 / layout.virtual:g}x of 1F1B's, {layout.virtual} "
@@ -112,9 +151,10 @@ def build_plan(
     memory = problem.memory
     ranks = []
     chunks = layout.chunks()
+    positions = problem.position_chunks(layout)
     for rank, (_, node_slot, local_rank, pool, group, stage, ep_rank) in enumerate(seats):
         has_moe = any(
-            memory.moe_layers[end] > memory.moe_layers[start] for start, end in chunks[stage::pp]
+            memory.moe_layers[end] > memory.moe_layers[start] for start, end in positions[stage]
         )
         ranks.append(
             RankPlan(
@@ -137,7 +177,9 @@ def build_plan(
             layer_end=end,
             has_embedding=s == 0,
             has_head=s == len(chunks) - 1,
-            recompute_activations=layout.recompute[s % pp],
+            recompute_activations=layout.recompute[
+                2 * pp - 1 - s if layout.shape == "v" and s >= pp else s % pp
+            ],
         )
         for s, (start, end) in enumerate(chunks)
     ]
@@ -173,7 +215,7 @@ def build_plan(
                 devices=devices,
                 stages=pool_stages,
                 layers=_ranges(
-                    [x for s in pool_stages for chunk in stages[s::pp] for x in chunk.layers]
+                    [x for s in pool_stages for a, b in positions[s] for x in range(a, b)]
                 ),
                 experts_per_device=sum(len(r.experts) for r in pool_ranks) / len(pool_ranks),
                 predicted_tokens_per_s=flow,
@@ -232,6 +274,8 @@ def build_plan(
         parallel=ParallelDegrees(pp=pp, dp=layout.dp, ep=ep, tp=1),
         stages=stages,
         virtual_stages=layout.virtual,
+        pipeline_shape=layout.shape,
+        split_backward=layout.zero_bubble,
         replicas=replicas,
         ranks=ranks,
         pools=summaries,

@@ -9,6 +9,7 @@ numbers explainable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from hetmoe_operator.api.catalog import DeviceCatalog, DeviceGrade
@@ -165,7 +166,15 @@ class GradeProfile:
         """Cumulative forward seconds per token of attention and dense FFN, per layer."""
         self.expert_prefix = [0.0]
         """Cumulative forward seconds per token of expert FFNs (routed, shared, router)."""
+        self.weightless_prefix = [0.0]
+        """Cumulative forward seconds per token of the attention core (scores and their
+        product with values): matmuls without weights, so their backward has no
+        weight-gradient part."""
+        q_width = model.num_attention_heads * model.resolved_head_dim
         for layer in range(model.num_hidden_layers):
+            self.weightless_prefix.append(
+                self.weightless_prefix[-1] + 2.0 * sequence_length * q_width / attention_speed
+            )
             flops = layer_flops(model, layer, sequence_length)
             self.dense_prefix.append(
                 self.dense_prefix[-1]
@@ -227,3 +236,224 @@ def price_performance(catalog: DeviceCatalog, grade_name: str) -> float:
     """Price per effective expert-FFN PFLOP-hour: lower is a better deal."""
     grade = catalog.grade(grade_name)
     return grade.price_per_hour / grade.effective_tflops("expert_ffn")
+
+
+FORWARD, INPUT_GRAD, WEIGHT_GRAD = 0, 1, 2
+"""Action kinds of a zero-bubble schedule: forward, backward for inputs (B), backward
+for weights (W)."""
+
+Action = tuple[int, int, int]
+"""``(kind, chunk, microbatch)``; the chunk is local to the position: under ZB-V chunk 0
+is stage ``r`` and chunk 1 stage ``2 pp - 1 - r``, under ZB1P chunk k is stage ``k pp +
+r``."""
+
+
+def zbv_actions(pp: int, position: int, microbatches: int) -> tuple[Action, ...]:
+    """The order in which pipeline ``position`` runs its actions under ZB-V.
+
+    The same order torch's ``ScheduleZBVZeroBubble._calculate_single_rank_operations``
+    generates (Qi et al., 2024, section 6): ``2 (pp - r) - 1`` forwards of chunk 0;
+    ``r`` pairs F1 F0; ``pp - r`` triples F1 B1 W1; then per step F0 B0 W0 F1 B1 W1
+    until every forward ran; a cool-down of ``r`` pairs B0 B1 (their W deferred) and
+    ``pp - r`` pairs B0 W0, then the deferred W1s and W0s. Like torch it plans at
+    least ``2 pp - 1`` microbatches and drops the actions of microbatches beyond
+    ``microbatches``.
+    """
+    n = max(2 * pp - 1, microbatches)
+    ops: list[Action] = []
+    f = [0, 0]
+    b = [0, 0]
+
+    def forward(chunk: int) -> None:
+        ops.append((FORWARD, chunk, f[chunk]))
+        f[chunk] += 1
+
+    def backward(chunk: int, weight: bool = True) -> None:
+        ops.append((INPUT_GRAD, chunk, b[chunk]))
+        if weight:
+            ops.append((WEIGHT_GRAD, chunk, b[chunk]))
+        b[chunk] += 1
+
+    for _ in range(2 * (pp - position) - 1):
+        forward(0)
+    for _ in range(position):
+        forward(1)
+        forward(0)
+    for _ in range(pp - position):
+        forward(1)
+        backward(1)
+    while f[1] < f[0] or f[0] < n:
+        if f[0] < n:
+            forward(0)
+        backward(0)
+        forward(1)
+        backward(1)
+    w = list(b)
+    for _ in range(position):
+        backward(0, weight=False)
+        backward(1, weight=False)
+    for _ in range(pp - position):
+        ops.append((INPUT_GRAD, 0, b[0]))
+        b[0] += 1
+        ops.append((WEIGHT_GRAD, 0, w[0]))
+        w[0] += 1
+    ops.extend((WEIGHT_GRAD, 1, i) for i in range(w[1], b[1]))
+    ops.extend((WEIGHT_GRAD, 0, i) for i in range(w[0], b[0]))
+    return tuple(op for op in ops if op[2] < microbatches)
+
+
+def zb1p_actions(pp: int, virtual: int, position: int, microbatches: int) -> tuple[Action, ...]:
+    """The order in which pipeline ``position`` runs its actions under ZB1P (loop shape,
+    backward split; with ``virtual`` = 1 this is ZB-H1).
+
+    The same order torch's ``ScheduleInterleavedZeroBubble._calculate_single_rank_operations``
+    generates (Qi et al., 2024, ZB-1p; ``chunk`` k is stage ``k pp + position``): with
+    ``round`` = ``m / max(1, m // pp)`` microbatches, ``(v - 1) round + pp - 1 -
+    position`` warm-up forwards (capped at ``v m``) cycling through the chunks a round
+    at a time; then per step one F and one B (chunks in reverse order), each B followed
+    by the W of the oldest B still owed from the ``position + 1``-th step on (so
+    position r defers r W's, which fill its share of the drain); then the remaining
+    B's, each with a W, and the owed W's. Raises ValueError for a microbatch count
+    torch refuses (not a multiple of its number of rounds)."""
+    rounds = max(1, microbatches // pp)
+    if microbatches % rounds:
+        raise ValueError(
+            f"ZB1P needs the microbatch count to be a multiple of max(1, m // pp) = {rounds}, "
+            f"got {microbatches}"
+        )
+    per_round = microbatches // rounds
+    total = virtual * microbatches
+    warmup = min((virtual - 1) * per_round + pp - 1 - position, total)
+    ops: list[Action] = []
+    done = [[0] * virtual for _ in range(3)]  # next microbatch per kind and chunk
+
+    def run(kind: int, chunk: int) -> None:
+        ops.append((kind, chunk, done[kind][chunk]))
+        done[kind][chunk] += 1
+
+    def backward_chunk(step: int) -> int:
+        return virtual - 1 - ((step - warmup) // per_round) % virtual
+
+    backward_steps: list[int] = []
+    for step in range(total + warmup):
+        if step < total:
+            run(FORWARD, (step // per_round) % virtual)
+        if step >= warmup:
+            run(INPUT_GRAD, backward_chunk(step))
+            backward_steps.append(step)
+            if step - warmup >= position:
+                run(WEIGHT_GRAD, backward_chunk(backward_steps[sum(done[WEIGHT_GRAD])]))
+    for step in backward_steps[sum(done[WEIGHT_GRAD]) :]:
+        run(WEIGHT_GRAD, backward_chunk(step))
+    return tuple(ops)
+
+
+@dataclass(frozen=True)
+class ChunkTimes:
+    """Seconds one microbatch's forward, input-gradient and weight-gradient passes take
+    on one chunk, plus the one-way transfer of its output (activation forward,
+    gradient backward) to the neighbouring position."""
+
+    forward: float
+    input_grad: float
+    weight_grad: float
+
+    @property
+    def total(self) -> float:
+        """F + B + W."""
+        return self.forward + self.input_grad + self.weight_grad
+
+
+def simulate_pipeline(
+    times: Sequence[Sequence[ChunkTimes]],
+    stages: Sequence[tuple[int, int]],
+    links: Sequence[float],
+    actions: Sequence[Sequence[Action]],
+) -> list[float]:
+    """When each position finishes its last action (seconds from the start), for any
+    schedule with a split backward (ZB-V, ZB1P / ZB-H1).
+
+    ``times[r][k]`` are position r's chunk k's passes; ``stages[s]`` = ``(position,
+    chunk)`` of stage s; ``links[s]`` the one-way transfer between stages s and s + 1
+    (asynchronous: it delays the receiver, not the sender; 0 on one position); and
+    ``actions[r]`` position r's order. Every position runs its actions in that order,
+    each as soon as its input is there: F of stage s after F of s - 1 plus the link, B
+    of s after B of s + 1 plus the link (the last stage's after its own F), W after its
+    B. This is what torch's runtime does (it blocks on receives, sends
+    asynchronously), so the bubble follows from the stage times.
+    """
+    pp = len(times)
+    last = len(stages) - 1
+    stage_of = [[0] * len(times[r]) for r in range(pp)]
+    for s, (r, k) in enumerate(stages):
+        stage_of[r][k] = s
+    microbatches = 1 + max((op[2] for op in actions[0]), default=0)
+    forward_done = [[-1.0] * microbatches for _ in stages]
+    input_done = [[-1.0] * microbatches for _ in stages]
+    clock = [0.0] * pp
+    cursor = [0] * pp
+    pending = sum(len(a) for a in actions)
+    while pending:
+        progressed = False
+        for r in range(pp):
+            ops = actions[r]
+            i = cursor[r]
+            now = clock[r]
+            while i < len(ops):  # the search's hot loop: kept flat on purpose
+                kind, chunk, mb = ops[i]
+                stage = stage_of[r][chunk]
+                if kind == FORWARD:
+                    if stage == 0:
+                        ready = 0.0
+                    else:
+                        ready = forward_done[stage - 1][mb]
+                        if ready < 0:
+                            break
+                        ready += links[stage - 1]
+                    now = max(now, ready) + times[r][chunk].forward
+                    forward_done[stage][mb] = now
+                elif kind == INPUT_GRAD:
+                    if stage == last:
+                        ready = forward_done[stage][mb]
+                    else:
+                        ready = input_done[stage + 1][mb]
+                        if ready < 0:
+                            break
+                        ready += links[stage]
+                    now = max(now, ready) + times[r][chunk].input_grad
+                    input_done[stage][mb] = now
+                else:
+                    now += times[r][chunk].weight_grad
+                i += 1
+            if i != cursor[r]:
+                pending -= i - cursor[r]
+                cursor[r] = i
+                clock[r] = now
+                progressed = True
+        if not progressed:
+            raise RuntimeError("pipeline simulation deadlocked: the action order is inconsistent")
+    return clock
+
+
+def v_stages(pp: int) -> list[tuple[int, int]]:
+    """``(position, chunk)`` of every stage in the V shape: down chunk 0, back up chunk 1."""
+    return [(r, 0) for r in range(pp)] + [(r, 1) for r in reversed(range(pp))]
+
+
+def loop_stages(pp: int, virtual: int) -> list[tuple[int, int]]:
+    """``(position, chunk)`` of every stage in the loop shape: stage s on s mod pp."""
+    return [(s % pp, s // pp) for s in range(pp * virtual)]
+
+
+def simulate_zbv(
+    chunks: Sequence[tuple[ChunkTimes, ChunkTimes]],
+    hops: Sequence[float],
+    actions: Sequence[Sequence[Action]],
+) -> list[float]:
+    """:func:`simulate_pipeline` for ZB-V: ``chunks[r]`` are position r's two chunks
+    (chunk 0 stage r, chunk 1 stage 2 pp - 1 - r), ``hops[r]`` the one-way transfer
+    between positions r and r + 1, ``actions[r]`` the order of :func:`zbv_actions`.
+    The V's tip (stage pp - 1 to pp) stays on position pp - 1."""
+    pp = len(chunks)
+    links = [*hops, 0.0, *reversed(hops)]
+    return simulate_pipeline(chunks, v_stages(pp), links, actions)

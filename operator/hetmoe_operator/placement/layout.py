@@ -19,7 +19,18 @@ from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
-from hetmoe_operator.placement.cost_model import Assumptions, GradeProfile, step_overhead_seconds
+from hetmoe_operator.placement.cost_model import (
+    Action,
+    Assumptions,
+    ChunkTimes,
+    GradeProfile,
+    loop_stages,
+    simulate_pipeline,
+    step_overhead_seconds,
+    v_stages,
+    zb1p_actions,
+    zbv_actions,
+)
 from hetmoe_operator.placement.experts import ExpertPlacement, balanced_placement
 from hetmoe_operator.placement.memory import (
     MemoryModel,
@@ -27,7 +38,15 @@ from hetmoe_operator.placement.memory import (
     StageShape,
     interleaved_peaks,
     split_chunk,
+    zb1p_peaks,
+    zbv_peaks,
 )
+from hetmoe_operator.plan import PipelineShape
+
+ZBV_SIMULATED_ROUNDS = 4
+"""Zero-bubble (ZB-V, ZB1P) step times simulate at most this many x pp microbatches and
+extrapolate at the slowest position's per-microbatch time (the unit tests bound the
+error, < 1%, pessimistic)."""
 
 REDUNDANT_FRACTION = 0.125
 """At most this fraction of extra expert slots per EP group (EPLB's published setting)."""
@@ -76,9 +95,13 @@ class Problem:
             )
         self._placements: dict[tuple[int, int], ExpertPlacement] = {}
         self._stage_vectors: dict[tuple, _StageVector] = {}
-        self._peaks: dict[tuple[int, int, int, int], tuple[tuple[int, ...], ...]] = {}
-        self._chunks: dict[tuple[tuple[int, ...], int], tuple[tuple[tuple[int, int], ...], ...]]
+        self._peaks: dict[tuple[int, int, str, bool, int, int], tuple[tuple[int, ...], ...]]
+        self._peaks = {}
+        self._chunks: dict[
+            tuple[tuple[int, ...], int, str], tuple[tuple[tuple[int, int], ...], ...]
+        ]
         self._chunks = {}
+        self._actions: dict[tuple[int, int, str, int], list[tuple[Action, ...]]] = {}
 
     @property
     def tokens_per_step(self) -> int:
@@ -87,20 +110,54 @@ class Problem:
 
     def position_chunks(self, layout: Layout) -> tuple[tuple[tuple[int, int], ...], ...]:
         """Per pipeline position: the layer ranges of its chunks (cached)."""
-        key = (layout.bounds, layout.virtual)
+        key = (layout.bounds, layout.virtual, layout.shape)
         if key not in self._chunks:
             chunks = layout.chunks()
-            self._chunks[key] = tuple(chunks[r :: layout.pp] for r in range(layout.pp))
+            pp = layout.pp
+            if layout.shape == "v":
+                self._chunks[key] = tuple((chunks[r], chunks[2 * pp - 1 - r]) for r in range(pp))
+            else:
+                self._chunks[key] = tuple(chunks[r::pp] for r in range(pp))
         return self._chunks[key]
 
     def peaks(
-        self, pp: int, virtual: int, position: int, microbatches: int
+        self,
+        pp: int,
+        virtual: int,
+        position: int,
+        microbatches: int,
+        shape: str = "loop",
+        split_backward: bool = False,
     ) -> tuple[tuple[int, ...], ...]:
-        """:func:`~.memory.interleaved_peaks`, cached."""
-        key = (pp, virtual, position, microbatches)
+        """:func:`~.memory.interleaved_peaks` (or :func:`~.memory.zbv_peaks` for the
+        ``v`` shape, :func:`~.memory.zb1p_peaks` for a split loop), cached."""
+        split = split_backward or shape == "v"
+        if shape == "v":  # from 2 pp microbatches on the peaks repeat
+            microbatches = min(microbatches, 2 * pp)
+        key = (pp, virtual, shape, split, position, microbatches)
         if key not in self._peaks:
-            self._peaks[key] = interleaved_peaks(pp, virtual, position, microbatches)
+            if shape == "v":
+                self._peaks[key] = zbv_peaks(pp, position, microbatches)
+            elif split:
+                self._peaks[key] = zb1p_peaks(pp, virtual, position, microbatches)
+            else:
+                self._peaks[key] = interleaved_peaks(pp, virtual, position, microbatches)
         return self._peaks[key]
+
+    def actions(
+        self, pp: int, virtual: int, shape: str, microbatches: int
+    ) -> list[tuple[Action, ...]]:
+        """Every position's action order under a split backward: :func:`~.cost_model.
+        zbv_actions` for the ``v`` shape, :func:`~.cost_model.zb1p_actions` for a loop
+        (cached)."""
+        key = (pp, virtual, shape, microbatches)
+        if key not in self._actions:
+            if shape == "v":
+                orders = [zbv_actions(pp, r, microbatches) for r in range(pp)]
+            else:
+                orders = [zb1p_actions(pp, virtual, r, microbatches) for r in range(pp)]
+            self._actions[key] = orders
+        return self._actions[key]
 
     def placement(self, ep: int, redundant: bool) -> ExpertPlacement:
         """Expert placement for an EP group of ``ep`` equal devices."""
@@ -111,14 +168,18 @@ class Problem:
         return self._placements[key]
 
 
-def chunk_ranges(bounds: Sequence[int], virtual: int) -> tuple[tuple[int, int], ...]:
+def chunk_ranges(
+    bounds: Sequence[int], virtual: int, shape: str = "loop"
+) -> tuple[tuple[int, int], ...]:
     """Layer range of each of the ``pp x virtual`` stages, in schedule order.
 
     ``bounds`` give each pipeline position's layer count (position r holds
     ``bounds[r + 1] - bounds[r]`` layers, the uneven split balancing grades); that
     share is cut into ``virtual`` near-equal chunks, the larger first. Virtual stage
-    ``s`` is chunk ``s // pp`` of position ``s % pp`` and layers are numbered in stage
-    order, so with ``virtual`` = 1 the ranges are ``bounds`` themselves.
+    ``s`` is chunk ``s // pp`` of position ``s % pp`` (``loop`` shape) or, in the ``v``
+    shape (two chunks), chunk 0 of position ``s`` for ``s < pp`` and chunk 1 of
+    position ``2 pp - 1 - s`` after that; layers are numbered in stage order, so with
+    ``virtual`` = 1 the ranges are ``bounds`` themselves.
     """
     pp = len(bounds) - 1
     sizes = [
@@ -128,7 +189,10 @@ def chunk_ranges(bounds: Sequence[int], virtual: int) -> tuple[tuple[int, int], 
     ranges = []
     cursor = 0
     for stage in range(pp * virtual):
-        size = sizes[stage % pp][stage // pp]
+        if shape == "v":
+            size = sizes[stage][0] if stage < pp else sizes[2 * pp - 1 - stage][1]
+        else:
+            size = sizes[stage % pp][stage // pp]
         ranges.append((cursor, cursor + size))
         cursor += size
     return tuple(ranges)
@@ -156,6 +220,35 @@ class Layout:
     """Chunks (virtual stages) per pipeline position: 1 runs 1F1B, v > 1 interleaved
     1F1B, each position's layer share cut into v chunks (see :func:`chunk_ranges`);
     ``bounds`` and ``recompute`` stay per position."""
+    shape: PipelineShape = "loop"
+    """``v``: two chunks per position in V order, run as ZB-V (``virtual`` = 2); see
+    :func:`chunk_ranges`."""
+    split_backward: bool = False
+    """Loop shape: split each backward into input and weight gradients and run ZB1P
+    (torch ``ScheduleInterleavedZeroBubble``; ZB-H1 with ``virtual`` = 1). The ``v``
+    shape always splits."""
+
+    @property
+    def zero_bubble(self) -> bool:
+        """Whether the schedule splits the backward (ZB-V or ZB1P): step time simulated,
+        deferred weight gradients in memory."""
+        return self.shape == "v" or self.split_backward
+
+    @property
+    def schedule_name(self) -> str:
+        """Human-readable schedule, as torch names it."""
+        if self.shape == "v":
+            return "ZB-V"
+        if self.split_backward:
+            return "ZB-H1" if self.virtual == 1 else f"ZB1P v={self.virtual}"
+        if self.virtual > 1:
+            return f"interleaved 1F1B v={self.virtual}"
+        return "1F1B"
+
+    @property
+    def head_position(self) -> int:
+        """The pipeline position holding the final norm and LM head."""
+        return 0 if self.shape == "v" else self.pp - 1
 
     @property
     def dp(self) -> int:
@@ -164,7 +257,7 @@ class Layout:
 
     def chunks(self) -> tuple[tuple[int, int], ...]:
         """Layer range of every (virtual) stage, in schedule order."""
-        return chunk_ranges(self.bounds, self.virtual)
+        return chunk_ranges(self.bounds, self.virtual, self.shape)
 
     def devices_per_pool(self) -> dict[str, int]:
         """Devices the layout takes from each pool."""
@@ -307,12 +400,19 @@ def _stage_vector(
 ) -> _StageVector:
     recompute = layout.recompute[stage]
     pp = layout.pp
-    nxt = template[(stage + 1) % pp]
+    v_shape = layout.shape == "v"
+    # The neighbour it sends to (in the v shape: the next position; the last position
+    # sends only back to the one before it).
+    if v_shape:
+        nxt = template[stage + 1] if stage + 1 < pp else template[max(0, stage - 1)]
+    else:
+        nxt = template[(stage + 1) % pp]
     key = (
         template,
         stage,
         layout.bounds,
         layout.virtual,
+        layout.shape,
         layout.ep,
         recompute,
         layout.redundant_experts,
@@ -339,7 +439,7 @@ def _stage_vector(
     imbalance = problem.placement(layout.ep, layout.redundant_experts).imbalance
     compute = passes * (dense + expert)
     fixed *= passes / profile.passes
-    if stage == pp - 1:
+    if stage == layout.head_position:
         compute += profile.head_seconds
         fixed += profile.head_fixed_seconds
     expert_excess = passes * expert * (imbalance - 1.0)
@@ -364,6 +464,8 @@ def _stage_vector(
     # Each chunk but the very last sends its output on (and gets its gradient back):
     # to the next position, or from the last position back to the first.
     hops = layout.virtual if stage + 1 < pp else layout.virtual - 1
+    if v_shape:  # one send each way, none from the last chunk or across the V's tip
+        hops = int(stage + 1 < pp) + int(stage > 0)
     p2p = 0.0
     p2p_latency = 0.0
     if pp > 1 and hops:
@@ -390,6 +492,98 @@ def _stage_vector(
     )
     problem._stage_vectors[key] = vector
     return vector
+
+
+def _split_chunk_times(
+    problem: Problem,
+    layout: Layout,
+    template: tuple[str, ...],
+    vectors: list[_StageVector],
+    tokens: int,
+) -> tuple[list[tuple[ChunkTimes, ...]], list[tuple[int, int]], list[float]]:
+    """Per position: F, B (input gradient) and W (weight gradient) seconds of one
+    microbatch on each of its chunks; ``(position, chunk)`` of every stage; and the
+    one-way transfer between consecutive stages (0 on one position).
+
+    A position's work (:meth:`_StageVector.work`) is shared between its chunks by
+    forward time (the LM head's on the last stage's chunk). Within a chunk the
+    forward is ``1 / passes`` of it; the weight gradient is ``backward_factor / 2``
+    forwards of everything but the attention core (a weighted matmul's backward is one
+    matmul for its input and one for its weight; the attention core has no weights);
+    the rest, with recomputation's extra forward, is the input gradient. Exposed
+    all-to-all splits between F and B by exchanges (W has none). Without overlap a
+    chunk's sends are charged to the pass that sends.
+    """
+    pp = layout.pp
+    overlap = problem.assumptions.overlap_communication
+    stages = v_stages(pp) if layout.shape == "v" else loop_stages(pp, layout.virtual)
+    last = len(stages) - 1
+    links: list[float] = []
+    for s in range(last):
+        here, there = stages[s][0], stages[s + 1][0]
+        # The sender's vector prices the hop (the V's way back: the lower position's).
+        sender = min(here, there) if layout.shape == "v" else here
+        links.append(0.0 if here == there else vectors[sender].transfer(tokens) / 2)
+    stage_of = {pc: s for s, pc in enumerate(stages)}
+    backward_factor = problem.assumptions.backward_factor
+    moe = problem.memory.moe_layers
+    result = []
+    for r, (vector, ranges) in enumerate(
+        zip(vectors, problem.position_chunks(layout), strict=True)
+    ):
+        profile = problem.pools[template[r]].profile
+        recompute = layout.recompute[r]
+        passes = profile.passes + (1.0 if recompute else 0.0)
+        forward, weightless, moe_layers = [], [], []
+        for k, (start, end) in enumerate(ranges):
+            dense, expert = profile.forward_seconds(start, end)
+            head = profile.head_seconds / profile.passes if stage_of[(r, k)] == last else 0.0
+            forward.append(dense + expert + head)
+            weightless.append(profile.weightless_prefix[end] - profile.weightless_prefix[start])
+            moe_layers.append(moe[end] - moe[start])
+        exchange = tokens * vector.communication + vector.latency
+        compute = vector.work(tokens) - exchange
+        to_forward = 1.0 / 3.0 if recompute else 0.5
+        even = 1.0 / len(ranges)
+        chunks = []
+        for k in range(len(ranges)):
+            stage = stage_of[(r, k)]
+            share = forward[k] / sum(forward) if sum(forward) > 0 else even
+            comm = exchange * (moe_layers[k] / sum(moe_layers) if sum(moe_layers) else even)
+            work = compute * share
+            f = work / passes
+            w = f * backward_factor / 2 * (1.0 - weightless[k] / forward[k] if forward[k] else 0)
+            b = work - f - w + comm * (1.0 - to_forward)
+            f += comm * to_forward
+            if not overlap:  # F sends its activation on, B its gradient back
+                f += links[stage] if stage < last else 0.0
+                b += links[stage - 1] if stage > 0 else 0.0
+            chunks.append(ChunkTimes(f, b, w))
+        result.append(tuple(chunks))
+    return result, stages, links
+
+
+def _split_ends(
+    problem: Problem,
+    layout: Layout,
+    template: tuple[str, ...],
+    vectors: list[_StageVector],
+    tokens: int,
+    microbatches: int,
+) -> tuple[list[float], list[tuple[ChunkTimes, ...]]]:
+    """When each position finishes its last action under a split backward (ZB-V or
+    ZB1P), by simulating torch's action order (:func:`~.cost_model.simulate_pipeline`)
+    for at most ``ZBV_SIMULATED_ROUNDS x pp`` microbatches (a count torch's ZB1P
+    accepts; with one chunk its order does not depend on the rounds, with more the
+    planner's counts are multiples of pp, whose rounds are pp long either way); the
+    rest run at the slowest position's pace. Also returns the chunk times."""
+    chunks, stages, links = _split_chunk_times(problem, layout, template, vectors, tokens)
+    simulated = min(microbatches, ZBV_SIMULATED_ROUNDS * layout.pp)
+    actions = problem.actions(layout.pp, layout.virtual, layout.shape, simulated)
+    ends = simulate_pipeline(chunks, stages, links, actions)
+    slowest = max(sum(c.total for c in position) for position in chunks)
+    extra = (microbatches - simulated) * slowest
+    return [end + extra for end in ends], chunks
 
 
 def _sync_seconds(problem: Problem, members: dict[str, int], params: float, span: int) -> float:
@@ -435,8 +629,9 @@ def _sync_and_optimizer(problem: Problem, layout: Layout) -> tuple[list[float], 
     optimizer = 0.0
     for stage, chunks in enumerate(problem.position_chunks(layout)):
         dense = sum(memory.dense_params[end] - memory.dense_params[start] for start, end in chunks)
-        dense += model.embedding_params * (int(stage == 0) + int(stage == layout.pp - 1))
-        dense += model.hidden_size if stage == layout.pp - 1 else 0  # final norm
+        head = stage == layout.head_position
+        dense += model.embedding_params * (int(stage == 0) + int(head))
+        dense += model.hidden_size if head else 0  # final norm
         moe = sum(memory.moe_layers[end] - memory.moe_layers[start] for start, end in chunks)
         experts = moe * slots * model.expert_params
         groups_per_pool: dict[str, int] = {}
@@ -467,19 +662,24 @@ def _memory(problem: Problem, layout: Layout) -> tuple[MemoryCheck, ...]:
             most[(pool, stage)] = max(most.get((pool, stage), 0), count)
     checks = []
     for (pool, stage), count in sorted(most.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        interleaved = layout.virtual > 1
+        per_chunk = layout.virtual > 1 or layout.zero_bubble
         shape = StageShape(
             start=layout.bounds[stage],
             end=layout.bounds[stage + 1],
             has_embedding=stage == 0,
-            has_head=stage == layout.pp - 1,
+            has_head=stage == layout.head_position,
             expert_slots=slots,
             dense_shards=layout.dp,
             expert_shards=len(layout.groups),
             in_flight=min(layout.pp - stage, count),
             recompute=layout.recompute[stage],
-            chunks=problem.position_chunks(layout)[stage] if interleaved else (),
-            peaks=problem.peaks(layout.pp, layout.virtual, stage, count) if interleaved else (),
+            chunks=problem.position_chunks(layout)[stage] if per_chunk else (),
+            peaks=problem.peaks(
+                layout.pp, layout.virtual, stage, count, layout.shape, layout.split_backward
+            )
+            if per_chunk
+            else (),
+            deferred_weight_grad=layout.zero_bubble,
         )
         info = problem.pools[pool]
         checks.append(
@@ -517,6 +717,31 @@ def _exposed_sync(
     return exposed
 
 
+def _split_exposed_sync(
+    problem: Problem,
+    layout: Layout,
+    sync: list[float],
+    chunks: list[tuple[ChunkTimes, ...]],
+    ends: list[float],
+) -> float:
+    """Gradient sync left on the critical path under a split backward (ZB-V, ZB1P).
+
+    With overlap, position r's sync runs during its last weight gradients (the last
+    microbatch's W on every chunk, which finish its gradients) and while slower
+    positions are still running (``max(ends) - ends[r]``); what exceeds that window is
+    exposed, and never less than one layer's bucket. Without overlap: the slowest.
+    """
+    if not problem.assumptions.overlap_communication:
+        return max(sync)
+    finish = max(ends)
+    exposed = 0.0
+    for r, (seconds, position) in enumerate(zip(sync, chunks, strict=True)):
+        window = sum(c.weight_grad for c in position) + finish - ends[r]
+        layers = max(1, layout.bounds[r + 1] - layout.bounds[r])
+        exposed = max(exposed, seconds / layers, seconds - window)
+    return exposed
+
+
 def _step_overhead(problem: Problem, layout: Layout) -> tuple[float, float]:
     """(fixed, collective) seconds every rank spends once per step outside its
     microbatches, gradient sync and optimizer (see ``step_overhead_seconds``)."""
@@ -533,34 +758,53 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
     1F1B with v chunks per position (Narayanan et al., 2021): fill and drain pass
     through one chunk per position, ``1 / v`` of its work (plus one exposed hop), so
     the bubble shrinks v-fold to ``(pp - 1) / (v m)`` of the step, while the steady
-    state carries v transfers per microbatch and position instead of one.
+    state carries v transfers per microbatch and position instead of one. ZB-V (the
+    ``v`` shape) and ZB1P / ZB-H1 (a split loop): simulated in torch's action order
+    (:func:`_split_ends`); the bubble is
+    what the pipeline takes beyond ``m`` times the slowest position's F + B + W.
     """
     seq = problem.training.sequence_length
     overlap = problem.assumptions.overlap_communication
     p2p_intra = _spans_intra_node(layout, problem)
     tokens = layout.microbatch_size * seq
-    worst: tuple[float, int, list[_StageVector]] | None = None
+    split = layout.zero_bubble
+    worst: tuple[float, int, list[_StageVector], tuple] | None = None
     vectors_of: dict[tuple[str, ...], list[_StageVector]] = {}
-    known: dict[tuple[tuple[str, ...], int], float] = {}
+    known: dict[tuple[tuple[str, ...], int], tuple[float, tuple]] = {}
     for template, m in zip(layout.groups, layout.microbatches, strict=True):
         if template not in vectors_of:
             vectors_of[template] = [
                 _stage_vector(problem, layout, template, s, p2p_intra) for s in range(layout.pp)
             ]
         vectors = vectors_of[template]
-        seconds = known.get((template, m), -1.0)
-        if seconds < 0:
-            slowest = max(v.steady(tokens, overlap) for v in vectors)
-            seconds = sum(v.fill(tokens) for v in vectors) + (m - 1 / layout.virtual) * slowest
-            known[(template, m)] = seconds
-        if worst is None or seconds > worst[0]:
-            worst = (seconds, m, vectors)
+        found = known.get((template, m))
+        if found is None:
+            if split:
+                ends, chunks = _split_ends(problem, layout, template, vectors, tokens, m)
+                found = (max(ends), (ends, chunks))
+            else:
+                slowest = max(v.steady(tokens, overlap) for v in vectors)
+                fill_time = sum(v.fill(tokens) for v in vectors)
+                found = (fill_time + (m - 1 / layout.virtual) * slowest, ())
+            known[(template, m)] = found
+        if worst is None or found[0] > worst[0]:
+            worst = (found[0], m, vectors, found[1])
     assert worst is not None
     sync, optimizer = _sync_and_optimizer(problem, layout)
     step_fixed, step_collectives = _step_overhead(problem, layout)
-    _, m, vectors = worst
+    seconds, m, vectors, simulated = worst
     steady = [v.steady(tokens, overlap) for v in vectors]
     fill = [v.fill(tokens) for v in vectors]
+    if split:
+        ends, chunks = simulated
+        steady = [sum(c.total for c in position) for position in chunks]
+        exposed_sync = _split_exposed_sync(problem, layout, sync, chunks, ends)
+        bubble = max(0.0, seconds - m * max(steady))
+        fill_transfers = 0.0
+    else:
+        exposed_sync = _exposed_sync(problem, layout, sync, vectors, tokens)
+        bubble = (sum(steady) - max(steady)) / layout.virtual
+        fill_transfers = max(0.0, sum(fill) - sum(steady) / layout.virtual)
     total_s = sum(steady)
     mean_s = total_s / len(steady)
     compute = sum(tokens * v.compute + v.fixed for v in vectors)
@@ -570,10 +814,10 @@ def evaluate(problem: Problem, layout: Layout) -> Evaluation:
     work = m * mean_s
     step = Breakdown(
         compute=work * compute / total_s,
-        bubble=(total_s - max(steady)) / layout.virtual,
+        bubble=bubble,
         communication=work * communication / total_s
-        + max(0.0, sum(fill) - total_s / layout.virtual)
-        + _exposed_sync(problem, layout, sync, vectors, tokens)
+        + fill_transfers
+        + exposed_sync
         + step_collectives,
         imbalance=work * excess / total_s + m * (max(steady) - mean_s),
         optimizer=optimizer + step_fixed,
@@ -606,7 +850,9 @@ def stage_times(problem: Problem, layout: Layout) -> list[StageTime]:
     microbatch time, busy time and time until the stage's last backward ends.
 
     Stage ``s`` finishes before the pipeline does by the last microbatch's backward
-    on the stages before it (the drain), the same model as :func:`evaluate`'s.
+    on the stages before it (the drain), the same model as :func:`evaluate`'s; under
+    ZB-V and ZB1P each position's end comes from the simulation (``stage`` is the
+    position).
     """
     overlap = problem.assumptions.overlap_communication
     p2p_intra = _spans_intra_node(layout, problem)
@@ -617,6 +863,22 @@ def stage_times(problem: Problem, layout: Layout) -> list[StageTime]:
     result = []
     for (template, m), groups in members.items():
         vectors = [_stage_vector(problem, layout, template, s, p2p_intra) for s in range(layout.pp)]
+        if layout.zero_bubble:
+            ends, chunks = _split_ends(problem, layout, template, vectors, tokens, m)
+            for stage, position in enumerate(chunks):
+                per_microbatch = sum(c.total for c in position)
+                result.append(
+                    StageTime(
+                        stage=stage,
+                        pool=template[stage],
+                        groups=tuple(groups),
+                        microbatches=m,
+                        microbatch_seconds=per_microbatch,
+                        busy_seconds=m * per_microbatch,
+                        step_seconds=ends[stage],
+                    )
+                )
+            continue
         steady = [v.steady(tokens, overlap) for v in vectors]
         fill = [v.fill(tokens) for v in vectors]
         pipeline = sum(fill) + (m - 1 / layout.virtual) * max(steady)

@@ -7,12 +7,21 @@ plan output shows where the bytes go.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.model import ModelArchitecture
-from hetmoe_operator.placement.cost_model import GIB, Assumptions, layer_dense_params
+from hetmoe_operator.placement.cost_model import (
+    FORWARD,
+    GIB,
+    INPUT_GRAD,
+    Action,
+    Assumptions,
+    layer_dense_params,
+    zb1p_actions,
+    zbv_actions,
+)
 
 
 @dataclass(frozen=True)
@@ -55,6 +64,13 @@ class StageShape:
     peaks: tuple[tuple[int, ...], ...] = ()
     """Interleaved 1F1B: microbatches alive per chunk at each moment that may be the
     activation peak (see :func:`interleaved_peaks`); empty means ``(in_flight,)``."""
+
+    deferred_weight_grad: bool = False
+    """Split backward (ZB-V, ZB1P / ZB-H1): each vector of ``peaks`` lists, after the microbatches
+    alive per chunk (forward done, input gradient not), those whose input gradient
+    ran but whose weight gradient is still deferred; those hold the chunk's full
+    activations (recomputed ones too) plus the gradient of every weighted matmul's
+    output, which the weight gradient needs (see :func:`split_backward_peaks`)."""
 
     @property
     def ranges(self) -> tuple[tuple[int, int], ...]:
@@ -106,6 +122,55 @@ def interleaved_peaks(
     return tuple(seen)
 
 
+def zbv_peaks(pp: int, position: int, microbatches: int) -> tuple[tuple[int, ...], ...]:
+    """Candidate activation peaks of pipeline ``position`` under ZB-V: vectors
+    ``(alive0, alive1, deferred0, deferred1)`` (see ``StageShape.deferred_weight_grad``)
+    after every forward or input gradient of :func:`~.cost_model.zbv_actions`, those no
+    other one dominates. Position r keeps up to ``2 (pp - r) - 1`` (+1 in the steady
+    state) microbatches of chunk 0 and about ``r + 1`` of chunk 1 alive: about ``pp``
+    stage-equivalents on every position, which is 1F1B's first stage (Qi et al., 2024),
+    not 1F1B's ``pp - r``."""
+    # From 2 pp microbatches on, more only repeat the steady state's vectors.
+    return split_backward_peaks(zbv_actions(pp, position, min(microbatches, 2 * pp)), 2)
+
+
+def zb1p_peaks(
+    pp: int, virtual: int, position: int, microbatches: int
+) -> tuple[tuple[int, ...], ...]:
+    """Candidate activation peaks of pipeline ``position`` under ZB1P (ZB-H1 for
+    ``virtual`` = 1), replaying :func:`~.cost_model.zb1p_actions`: vectors of alive
+    microbatches per chunk, then deferred ones per chunk. With one chunk, position r
+    keeps ``pp - r`` alive and ``r`` deferred in the steady state: ``pp`` microbatches
+    not yet weight-gradient'ed on EVERY position (torch defers r W's on position r to
+    fill its drain), so the later positions hold more than 1F1B's ``pp - r``; only the
+    peak over positions (position 0's ``pp``) matches 1F1B's (Qi et al., 2024)."""
+    return split_backward_peaks(zb1p_actions(pp, virtual, position, microbatches), virtual)
+
+
+def split_backward_peaks(actions: Sequence[Action], virtual: int) -> tuple[tuple[int, ...], ...]:
+    """Vectors ``(alive per chunk..., deferred per chunk...)`` after every forward or
+    input gradient of ``actions``, those no other one dominates: a chunk-microbatch is
+    alive from its F to its B, deferred from its B to its W."""
+    state = [0] * (2 * virtual)
+    seen: set[tuple[int, ...]] = set()
+    for kind, chunk, _ in actions:
+        if kind == FORWARD:
+            state[chunk] += 1
+        elif kind == INPUT_GRAD:
+            state[chunk] -= 1
+            state[virtual + chunk] += 1
+        else:
+            state[virtual + chunk] -= 1
+            continue
+        seen.add(tuple(state))
+    # A vector that dominates another has a larger sum, so it is kept before it.
+    kept: list[tuple[int, ...]] = []
+    for v in sorted(seen, key=lambda v: (-sum(v), v)):
+        if not any(all(a >= b for a, b in zip(o, v, strict=True)) for o in kept):
+            kept.append(v)
+    return tuple(kept)
+
+
 def split_chunk(start: int, end: int, virtual: int) -> tuple[tuple[int, int], ...]:
     """Layers [start, end) as ``virtual`` contiguous chunks, the larger ones first."""
     base, extra = divmod(end - start, virtual)
@@ -148,6 +213,9 @@ class MemoryModel:
         self.dense_params = [0]
         self.moe_layers = [0]
         self.full_activation = [0.0]
+        self.output_grads = [0.0]
+        """Cumulative bytes per token of the gradients of every weighted matmul's output
+        (what a deferred weight gradient needs besides the activations)."""
         for layer in range(model.num_hidden_layers):
             self.dense_params.append(self.dense_params[-1] + layer_dense_params(model, layer))
             moe = model.is_moe_layer(layer)
@@ -159,6 +227,13 @@ class MemoryModel:
             else:
                 ffn = act * (2 * h + 3 * (model.intermediate_size or 0))
             self.full_activation.append(self.full_activation[-1] + attention + ffn)
+            grads = q_width + 2 * kv_width + h  # q, k, v and output projections
+            if moe:
+                experts = model.num_experts_per_tok + model.num_shared_experts
+                grads += 4 * model.num_experts + experts * (2 * model.moe_intermediate_size + h)
+            else:
+                grads += 2 * (model.intermediate_size or 0) + h
+            self.output_grads.append(self.output_grads[-1] + act * grads)
         self.max_layer_activation = max(
             b - a for a, b in zip(self.full_activation, self.full_activation[1:], strict=False)
         )
@@ -176,6 +251,11 @@ class MemoryModel:
             if shape.has_embedding and k == 0:
                 stored += act
             per_chunk.append(stored)
+        if shape.deferred_weight_grad:
+            full, grads = self.full_activation, self.output_grads
+            per_chunk += [
+                full[end] - full[start] + grads[end] - grads[start] for start, end in shape.ranges
+            ]
         per_token = _peak(per_chunk, shape.alive)
         if shape.recompute and any(end > start for start, end in shape.ranges):
             per_token += self.max_layer_activation
@@ -233,19 +313,26 @@ class MemoryModel:
         if template.has_head:
             fixed += a.logits_bytes_per_vocab * model.vocab_size * tokens
         dense, moe, full = self.dense_params, self.moe_layers, self.full_activation
+        grads = self.output_grads
         layer_input = a.activation_bytes * model.hidden_size * tokens
         embedding = layer_input if template.has_embedding else 0.0
         working = self.max_layer_activation * tokens
         alive = template.alive
-        virtual = len(alive[0])
-        if virtual > 1:
+        deferred = template.deferred_weight_grad
+        virtual = len(alive[0]) // 2 if deferred else len(alive[0])
+        if virtual > 1 or deferred:
 
             def total_chunked(start: int, end: int) -> float:
+                chunks = split_chunk(start, end, virtual)
                 per_chunk = [
                     (layer_input * (e - s) if template.recompute else tokens * (full[e] - full[s]))
                     + (embedding if k == 0 else 0.0)
-                    for k, (s, e) in enumerate(split_chunk(start, end, virtual))
+                    for k, (s, e) in enumerate(chunks)
                 ]
+                if deferred:
+                    per_chunk += [
+                        tokens * (full[e] - full[s] + grads[e] - grads[s]) for s, e in chunks
+                    ]
                 return (
                     fixed
                     + per_dense * (dense[end] - dense[start])

@@ -18,9 +18,10 @@ Search space (every point is scored by :func:`~.layout.evaluate`):
 * one uneven layer split shared by all replicas, balancing the slowest stage over the
   grades in use (and, if that overflows memory, a memory-aware split);
 * microbatch size, with each EP group's microbatch count proportional to its speed;
-* for pp > 1, interleaved 1F1B with v = 2, 4, ... chunks per position (while each
-  position holds v layers and every count is a multiple of pp), a larger v only while
-  it helps and while removing the whole bubble could still beat the best plan so far;
+* for pp > 1, ZB-H1 (1F1B with the backward split), ZB-V, and interleaved 1F1B and
+  ZB1P with v = 2, 4, ... chunks per position (while each position holds v layers
+  and every count is a multiple of pp), a larger v only while it helps and while
+  removing the whole bubble could still beat the best plan so far;
 * activation recomputation and redundant expert slots, only when memory allows or
   requires.
 
@@ -46,11 +47,13 @@ from hetmoe_operator.placement.cost_model import GradeProfile, price_performance
 from hetmoe_operator.placement.layout import Evaluation, Layout, Problem, evaluate
 from hetmoe_operator.placement.memory import StageShape
 from hetmoe_operator.placement.stages import split_layers
-from hetmoe_operator.plan import Plan
+from hetmoe_operator.plan import PipelineShape, Plan
 
 _PP_LADDER = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128)
 _STALE_MICROBATCH_OPTIONS = 1
 """Stop trying larger microbatch sizes after this many non-improving ones in a row."""
+Schedule = tuple[int, PipelineShape, bool]
+"""(chunks per position, pipeline shape, split backward) of a pipeline schedule."""
 _FAVOURITES = 2
 """(pp, ep) pairs per grade that mixes of grades are tried with."""
 _MIXED_GRADES = 3
@@ -68,8 +71,9 @@ class StageBalance:
     ``reach`` a bisection.
     """
 
-    def __init__(self, kinds: Sequence[Sequence[GradeProfile]]) -> None:
-        self.last = len(kinds[0]) - 1
+    def __init__(self, kinds: Sequence[Sequence[GradeProfile]], head: int | None = None) -> None:
+        self.last = len(kinds[0]) - 1 if head is None else head
+        """The stage holding the LM head (the last one, or the first in the v shape)."""
         self.stage_prefixes: list[list[list[float]]] = []
         """Per kind, per stage: relative cumulative time of layers on that stage's grade."""
         self.heads: list[float] = []
@@ -86,7 +90,7 @@ class StageBalance:
                     ]
                 prefixes.append(cache[id(profile)])
             self.stage_prefixes.append(prefixes)
-            self.heads.append(profiles[-1].head_seconds / whole)
+            self.heads.append(profiles[self.last].head_seconds / whole)
 
     @staticmethod
     def _whole(profile: GradeProfile) -> float:
@@ -152,26 +156,48 @@ def apportion(total: int, weights: Sequence[float]) -> list[int] | None:
 
 
 def fill_pipelines(
-    stage_seconds: Sequence[float], pp: int, total: int, virtual: int = 1
+    stage_seconds: Sequence[float],
+    pp: int,
+    total: int,
+    virtual: int = 1,
+    shape: str = "loop",
+    split_backward: bool = False,
 ) -> list[int] | None:
     """Split ``total`` microbatches over pipelines whose slowest stage takes
-    ``stage_seconds`` each, so that ``(count + (pp - 1) / virtual) x stage_seconds``
-    ((interleaved) 1F1B with its fill and drain) is as equal as possible.
+    ``stage_seconds`` each, so that ``(count + fill) x stage_seconds`` is as equal as
+    possible, ``fill`` = ``(pp - 1) / virtual`` for (interleaved) 1F1B, ``(pp - 1)
+    / 6`` for ZB-V (one chunk's forward per position, F = B = W) and ``(pp - 1) / (3
+    virtual)`` for ZB1P (F + B - W per position, F = B = W).
 
     Every pipeline gets at least ``pp`` microbatches: 1F1B (torch's ``Schedule1F1B``)
     refuses fewer microbatches than stages, so a plan with fewer could not run. With
-    ``virtual`` > 1 every count is a multiple of ``pp`` (interleaved 1F1B needs whole
-    rounds of ``pp`` microbatches); None when ``total`` is not.
+    ``virtual`` > 1 in the loop shape every count is a multiple of ``pp`` (interleaved
+    1F1B and ZB1P need whole rounds of ``pp`` microbatches); None when ``total`` is
+    not. ZB-H1 (split, one chunk) takes any count torch's ZB1P accepts (a multiple of
+    ``max(1, m // pp)``): the proportional split if all its counts are, else whole
+    rounds of ``pp``. ZB-V takes any count.
     """
-    parts = len(stage_seconds)
-    step = pp if virtual > 1 else 1
-    if total < parts * pp or total % step:
-        return None
     times = [max(t, 1e-30) for t in stage_seconds]
-    fill = (pp - 1) / virtual
+    if shape == "v":
+        return _fill(times, pp, total, 1, (pp - 1) / 6)
+    if not split_backward:
+        return _fill(times, pp, total, pp if virtual > 1 else 1, (pp - 1) / virtual)
+    fill = (pp - 1) / (3 * virtual)
+    if virtual == 1:
+        counts = _fill(times, pp, total, 1, fill)
+        if counts is not None and all(c % max(1, c // pp) == 0 for c in counts):
+            return counts
+    return _fill(times, pp, total, pp, fill)
+
+
+def _fill(times: list[float], pp: int, total: int, step: int, fill: float) -> list[int] | None:
+    """:func:`fill_pipelines` for one granularity: counts are multiples of ``step``."""
+    if total < len(times) * pp or total % step:
+        return None
+    one_f_one_b = step == 1 and fill == pp - 1
 
     def counts_at(limit: float) -> list[int]:
-        if step == 1:  # 1F1B; the hot case, so no float division by the step
+        if one_f_one_b:  # the hot case, so no float division by the step
             return [max(pp, int(limit / t) - (pp - 1)) for t in times]
         return [max(pp, int(max(0.0, limit / t - fill) / step) * step) for t in times]
 
@@ -209,9 +235,13 @@ class Searcher:
         previous: Plan | None = None,
         *,
         mixed_pipelines: bool = True,
+        zero_bubble: bool = True,
     ) -> None:
         self.problem = problem
         self.mixed_pipelines = mixed_pipelines
+        self.zero_bubble = zero_bubble
+        """Whether ZB-V layouts are tried (False: 1F1B and interleaved 1F1B only, for
+        comparisons)."""
         self.placement = placement
         self.previous = previous
         self.best: Scored | None = None
@@ -382,24 +412,27 @@ class Searcher:
         pools = self.problem.pools
         return tuple(sorted({tuple(pools[p].grade.name for p in t) for t in groups}))
 
-    def balance(self, kinds: Kinds) -> StageBalance:
-        """Normalised stage times of the pipeline kinds in use (cached)."""
-        if kinds not in self._balances:
+    def balance(self, kinds: Kinds, head: int | None = None) -> StageBalance:
+        """Normalised stage times of the pipeline kinds in use, the LM head on stage
+        ``head`` (default the last) (cached)."""
+        key = (kinds, head)
+        if key not in self._balances:
             profile = {
                 g: self.problem.pools[pools[0]].profile for g, pools in self.grade_pools.items()
             }
-            self._balances[kinds] = StageBalance([[profile[g] for g in k] for k in kinds])
-        return self._balances[kinds]
+            self._balances[key] = StageBalance([[profile[g] for g in k] for k in kinds], head)
+        return self._balances[key]
 
-    def time_split(self, kinds: Kinds) -> tuple[int, ...] | None:
+    def time_split(self, kinds: Kinds, head: int | None = None) -> tuple[int, ...] | None:
         """Split minimising the slowest stage over the pipeline kinds in use (cached)."""
-        if kinds not in self._splits:
-            balance = self.balance(kinds)
+        key = (kinds, head)
+        if key not in self._splits:
+            balance = self.balance(kinds, head)
             layers = self.problem.model.num_hidden_layers
             pp = len(kinds[0])
             high = max(balance.cost(s, 0, layers) for s in range(pp))
-            self._splits[kinds] = split_layers(layers, pp, balance.reach, high)
-        return self._splits[kinds]
+            self._splits[key] = split_layers(layers, pp, balance.reach, high)
+        return self._splits[key]
 
     def memory_split(
         self, layout: Layout, kinds: Kinds
@@ -426,15 +459,18 @@ class Searcher:
                         start=0,
                         end=0,
                         has_embedding=stage == 0,
-                        has_head=stage == pp - 1,
+                        has_head=stage == layout.head_position,
                         expert_slots=slots,
                         dense_shards=layout.dp,
                         expert_shards=len(layout.groups),
                         in_flight=min(pp - stage, count),
                         recompute=recompute,
-                        peaks=problem.peaks(pp, layout.virtual, stage, count)
-                        if layout.virtual > 1
+                        peaks=problem.peaks(
+                            pp, layout.virtual, stage, count, layout.shape, layout.split_backward
+                        )
+                        if layout.virtual > 1 or layout.zero_bubble
                         else (),
+                        deferred_weight_grad=layout.zero_bubble,
                     )
                     total = problem.memory.stage_total_fn(shape, layout.microbatch_size)
                     checks[key].append((total, problem.pools[pool].usable_bytes))
@@ -460,7 +496,8 @@ class Searcher:
                     limits[key] = low
             return limits[key]
 
-        balance = self.balance(kinds)
+        head = 0 if layout.shape == "v" else None
+        balance = self.balance(kinds, head)
         passes = 1.0 + problem.assumptions.backward_factor
         slowdown = (passes + 1.0) / passes
 
@@ -469,7 +506,7 @@ class Searcher:
             slow = min(balance.reach(stage, start, bound / slowdown), max_end(stage, start, True))
             return max(plain, slow)
 
-        floor = self.time_split(kinds)
+        floor = self.time_split(kinds, head)
         low = max(balance.cost(st, floor[st], floor[st + 1]) for st in range(pp)) if floor else 0.0
         high = max(balance.cost(st, 0, layers) for st in range(pp)) * slowdown
         bounds = split_layers(layers, pp, reach, high, low=low)
@@ -505,6 +542,8 @@ class Searcher:
             layout.pp,
             layout.ep,
             layout.virtual,
+            layout.shape == "v",
+            layout.split_backward,
             layout.microbatch_size,
             sum(layout.recompute),
         )
@@ -520,14 +559,19 @@ class Searcher:
         ep: int,
         microbatch_size: int,
         virtual: int = 1,
+        shape: PipelineShape = "loop",
+        split_backward: bool = False,
     ) -> Iterator[Layout]:
         """Variants of one configuration, cheapest in compute first (with ``virtual``
         chunks per position: only splits that give every position that many layers)."""
         kinds = self.kinds_of(groups)
-        bounds = self.time_split(kinds)
+        head = 0 if shape == "v" else None
+        bounds = self.time_split(kinds, head)
         if bounds is None:
             return
-        counts = self.microbatch_counts(groups, bounds, ep, microbatch_size, virtual)
+        counts = self.microbatch_counts(
+            groups, bounds, ep, microbatch_size, virtual, shape, split_backward
+        )
         if counts is None:
             return
         plain = (False,) * pp
@@ -539,12 +583,22 @@ class Searcher:
 
         for redundant in (True,) if same else (True, False):
             layout = Layout(
-                pp, ep, bounds, groups, microbatch_size, counts, plain, redundant, virtual
+                pp,
+                ep,
+                bounds,
+                groups,
+                microbatch_size,
+                counts,
+                plain,
+                redundant,
+                virtual,
+                shape,
+                split_backward,
             )
             if chunkable(bounds):
                 yield layout
             # A memory-aware split found for another microbatch size often fits too.
-            key = (kinds, ep, redundant, virtual)
+            key = (kinds, ep, redundant, virtual, shape, split_backward)
             previous = self._balanced.get(key)
             if previous is not None and chunkable(previous[0]):
                 yield replace(layout, bounds=previous[0], recompute=previous[1])
@@ -561,6 +615,8 @@ class Searcher:
         ep: int,
         microbatch_size: int,
         virtual: int = 1,
+        shape: PipelineShape = "loop",
+        split_backward: bool = False,
     ) -> tuple[int, ...] | None:
         """Microbatches per EP group so that all groups finish together; None when the
         batch cannot give every replica a whole microbatch (or, interleaved, whole
@@ -569,16 +625,19 @@ class Searcher:
         if units % ep:
             return None
         pp = len(bounds) - 1
+        head_stage = 0 if shape == "v" else pp - 1
         seconds: dict[tuple[str, ...], float] = {}
         for template in set(groups):
             slowest = 0.0
             for stage, pool in enumerate(template):
                 profile = self.problem.pools[pool].profile
                 dense, expert = profile.forward_seconds(bounds[stage], bounds[stage + 1])
-                head = profile.head_seconds if stage == pp - 1 else 0.0
+                head = profile.head_seconds if stage == head_stage else 0.0
                 slowest = max(slowest, profile.passes * (dense + expert) + head)
             seconds[template] = slowest
-        counts = fill_pipelines([seconds[t] for t in groups], pp, units // ep, virtual)
+        counts = fill_pipelines(
+            [seconds[t] for t in groups], pp, units // ep, virtual, shape, split_backward
+        )
         return tuple(counts) if counts is not None else None
 
     def run(self, deadline: float) -> None:
@@ -685,16 +744,26 @@ class Searcher:
         roomiest = max(problem.pools[p].usable_bytes for template in set(groups) for p in template)
         return per_device <= roomiest
 
-    def virtual_options(self, pp: int) -> list[int]:
-        """Chunks per position to try: 1, and for pp > 1 the powers of two up to the
-        layers per position (the trainer orders each pipeline's process group by
-        position, so any seating of stages on pools can interleave)."""
+    def virtual_options(self, pp: int) -> list[Schedule]:
+        """Schedules to try as (chunks per position, shape, split backward): 1F1B; for
+        pp > 1 ZB-H1 (1F1B's order with the backward split), ZB-V (two chunks in V
+        order) and, for powers of two up to the layers per position, interleaved 1F1B
+        and ZB1P with that many chunks (the trainer orders each pipeline's process group
+        by position, so any seating of stages on pools can interleave)."""
         if pp == 1:
-            return [1]
+            return [(1, "loop", False)]
         layers = self.problem.model.num_hidden_layers
-        options = [1]
-        while options[-1] * 2 * pp <= layers:
-            options.append(options[-1] * 2)
+        options: list[Schedule] = [(1, "loop", False)]
+        if self.zero_bubble:
+            options.append((1, "loop", True))
+            if 2 * pp <= layers:
+                options.append((2, "v", True))
+        virtual = 2
+        while virtual * pp <= layers:
+            options.append((virtual, "loop", False))
+            if self.zero_bubble:
+                options.append((virtual, "loop", True))
+            virtual *= 2
         return options
 
     def _try_microbatches(
@@ -704,12 +773,15 @@ class Searcher:
         ep: int,
         options: list[int],
     ) -> float:
-        """Best score over microbatch sizes, smallest first, and chunks per position
-        (more only while that helps); inf if nothing fits.
+        """Best score over microbatch sizes, smallest first, and schedules: ZB-H1, ZB-V,
+        and interleaved 1F1B / ZB1P with more chunks per position only while that helps;
+        inf if nothing fits.
 
-        Interleaving is tried only where it can pay: it needs more activation memory
-        than 1F1B (so not where 1F1B does not fit) and saves at most the bubble (so not
-        where 1F1B without its bubble would still lose to the best plan so far)."""
+        They are tried only where they can pay: they need more activation memory than
+        1F1B (so not where 1F1B does not fit, zero-bubble ones not where 1F1B must
+        recompute, and ZB1P with v chunks only where interleaved 1F1B with v fits) and
+        save at most the bubble (so not where 1F1B without its bubble would still lose
+        to the best plan so far)."""
         batch = self.problem.training.global_batch_size
         virtuals = self.virtual_options(pp)
         best = float("inf")
@@ -719,19 +791,37 @@ class Searcher:
                 break
             found = float("inf")
             plain: Evaluation | None = None
-            for virtual in virtuals:
-                if virtual > 1 and (plain is None or not self._may_gain(found, plain)):
+            recomputes = False
+            chunks_fit = gained = False  # interleaved 1F1B with the current chunk count
+            for virtual, shape, split in virtuals:
+                if shape == "loop" and not split and virtual > 2 and not gained:
+                    break  # more chunks only add transfers and memory
+                if (virtual > 1 or split) and (plain is None or not self._may_gain(found, plain)):
                     break
+                if (shape == "v" or split) and recomputes:
+                    # Zero-bubble schedules hold at least 1F1B's activations on every
+                    # position (and a deferred W keeps recomputed ones): where 1F1B has
+                    # to recompute, they would recompute at least as much, which costs
+                    # more than the bubble they save (checked on Ling-Plus; see
+                    # bench/planner/README).
+                    continue
+                if split and shape == "loop" and virtual > 1 and not chunks_fit:
+                    continue
                 with_virtual = float("inf")
-                for layout in self.layouts_for(groups, pp, ep, size, virtual):
+                for layout in self.layouts_for(groups, pp, ep, size, virtual, shape, split):
                     evaluation = self.consider(layout)
                     if evaluation.fits:
                         with_virtual = score(evaluation, self.placement)
-                        if virtual == 1:
+                        if virtual == 1 and not split:
                             plain = evaluation
+                            recomputes = any(layout.recompute)
                         break
-                if virtual > 1 and with_virtual >= found:
-                    break
+                if shape == "loop" and virtual > 1:
+                    if not split:
+                        chunks_fit = with_virtual < float("inf")
+                        gained = with_virtual < found
+                    else:
+                        gained = gained or with_virtual < found
                 found = min(found, with_virtual)
             if found < best:
                 best, stale = found, 0
@@ -743,7 +833,12 @@ class Searcher:
 
     def _may_gain(self, plain_score: float, plain: Evaluation) -> bool:
         """Whether interleaving the fitting 1F1B layout ``plain`` (scored
-        ``plain_score``) could beat the best plan so far: at best it removes the bubble."""
+        ``plain_score``) could beat the best plan so far: at best it removes the bubble.
+        For ZB-V this is a heuristic, not a bound: it re-splits the layers (the LM head
+        moves to the first position), which on a mixed-grade pipeline changes the
+        compute itself; trying ZB-V regardless cost 1.3-1.6x the planning time of the
+        8,192-device case and closed 1 of the 5 worst gaps of item 1 (the others are
+        mixed pipelines at degrees the mixed search does not try)."""
         if self.best_key is None:
             return True
         step = plain.step

@@ -6,9 +6,13 @@ from collections import defaultdict
 
 from hetmoe_operator.api.catalog import DeviceCatalog, DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
+from hetmoe_operator.api.job import PlacementSpec
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
+from hetmoe_operator.placement.build import build_plan
 from hetmoe_operator.placement.cost_model import Assumptions
+from hetmoe_operator.placement.planner import make_problem
+from hetmoe_operator.placement.search import Searcher
 from hetmoe_operator.plan import Plan
 
 
@@ -59,8 +63,14 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
     assert degrees.tp == 1
     for replica in plan.replicas:  # torch's 1F1B refuses fewer microbatches than stages
         assert replica.num_microbatches >= degrees.pp, replica
-        if plan.virtual_stages > 1:  # interleaved 1F1B runs whole rounds of pp
+        if plan.virtual_stages > 1 and plan.pipeline_shape == "loop":
+            # interleaved 1F1B runs whole rounds of pp
             assert degrees.pp > 1 and replica.num_microbatches % degrees.pp == 0, replica
+    if plan.pipeline_shape == "v":  # ZB-V: stages r and 2 pp - 1 - r on position r
+        assert plan.virtual_stages == 2 and degrees.pp > 1
+        for index in range(2 * degrees.pp):
+            assert plan.stages[index] in plan.stages_at(plan.position_of(index))
+        assert plan.stages_at(0)[0].has_embedding and plan.stages_at(0)[1].has_head
     assert len(plan.stages) == degrees.pp * plan.virtual_stages
     for position in range(degrees.pp):
         assert len(plan.stages_at(position)) == plan.virtual_stages
@@ -115,3 +125,18 @@ def check_plan(plan: Plan, cluster_description: ClusterDescription) -> None:
     replicas = sorted(i for e in plan.prediction.stages if e.stage == 0 for i in e.replicas)
     assert replicas == list(range(degrees.dp))
     assert Plan.from_json(plan.to_json()) == plan
+
+
+def plan_without_zero_bubble(
+    model: ModelArchitecture,
+    training_config: TrainingConfig,
+    description: ClusterDescription,
+    placement: PlacementSpec,
+) -> Plan:
+    """``plan_job`` with ZB-V left out of the search (1F1B and interleaved 1F1B only)."""
+    problem = make_problem(model, training_config, description)
+    searcher = Searcher(problem, placement, zero_bubble=False)
+    searcher.run(float("inf"))
+    assert searcher.best is not None
+    best = searcher.best
+    return build_plan(problem, best.layout, best.evaluation, placement, "local")

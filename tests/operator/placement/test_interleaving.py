@@ -18,7 +18,15 @@ from hetmoe_operator.placement.search import Searcher, fill_pipelines
 from hetmoe_operator.plan import Plan
 from hetmoe_trainer.distributed import validate_plan
 
-from .helpers import check_plan, cluster, grade, local_cluster, small_model, training
+from .helpers import (
+    check_plan,
+    cluster,
+    grade,
+    local_cluster,
+    plan_without_zero_bubble,
+    small_model,
+    training,
+)
 
 
 def _problem(overlap: bool = True, layers: int = 8) -> Problem:
@@ -107,8 +115,9 @@ def test_microbatches_come_in_rounds_of_pp_when_interleaved() -> None:
 
 def test_pinned_pipeline_plan_interleaves_and_the_trainer_accepts_it() -> None:
     model = small_model(layers=8)
-    plan = plan_job(model, training(16, 128), local_cluster(4), PlacementSpec(pipeline_parallel=4))
-    assert plan.virtual_stages == 2
+    spec = PlacementSpec(pipeline_parallel=4)
+    plan = plan_without_zero_bubble(model, training(16, 128), local_cluster(4), spec)
+    assert plan.virtual_stages == 2 and plan.pipeline_shape == "loop"
     check_plan(plan, local_cluster(4))
     Plan.model_validate(plan.model_dump())
     validate_plan(plan)
@@ -124,9 +133,14 @@ def test_no_interleaving_without_whole_rounds_of_pp() -> None:
     model = small_model(layers=8)
     # 10 sequences over pp = 4: 10 (or 5) microbatches, not a multiple of 4.
     spec = PlacementSpec(pipeline_parallel=4, data_parallel=1)
-    plan = plan_job(model, training(10, 128), local_cluster(4), spec)
+    plan = plan_without_zero_bubble(model, training(10, 128), local_cluster(4), spec)
     assert plan.virtual_stages == 1
     assert len(plan.stages) == 4
+    # ZB-V needs no whole rounds, so with it the planner leaves 1F1B here.
+    zero_bubble = plan_job(model, training(10, 128), local_cluster(4), spec)
+    assert zero_bubble.pipeline_shape == "v"
+    assert zero_bubble.replicas[0].num_microbatches % 4
+    validate_plan(zero_bubble)  # the trainer runs ZB-V with any count >= pp
     flat = plan_job(model, training(16, 128), local_cluster(4), PlacementSpec(pipeline_parallel=1))
     assert flat.virtual_stages == 1
 
@@ -140,9 +154,23 @@ def test_chunk_options_are_powers_of_two_up_to_the_layers_per_position() -> None
     )
     problem = Problem(small_model(layers=8), training(16, 128), description, [1.0] * 8)
     searcher = Searcher(problem, PlacementSpec())
-    assert searcher.virtual_options(2) == [1, 2, 4]
-    assert searcher.virtual_options(4) == [1, 2]
-    assert searcher.virtual_options(1) == [1]
+    assert searcher.virtual_options(2) == [
+        (1, "loop", False),
+        (1, "loop", True),
+        (2, "v", True),
+        (2, "loop", False),
+        (2, "loop", True),
+        (4, "loop", False),
+        (4, "loop", True),
+    ]
+    assert searcher.virtual_options(4) == [
+        (1, "loop", False),
+        (1, "loop", True),
+        (2, "v", True),
+        (2, "loop", False),
+        (2, "loop", True),
+    ]
+    assert searcher.virtual_options(1) == [(1, "loop", False)]
 
 
 def test_memory_bound_ling_plus_keeps_1f1b() -> None:

@@ -95,9 +95,42 @@ def test_shipped_ling_lite_example_plans_on_the_reference_mix(capsys) -> None:
     assert {r.grade for r in plan.ranks} >= {"A", "D"}
 
 
-def test_interleaved_plan_renders_per_pipeline_position(capsys) -> None:
-    # The shipped example plans pp 2 with 4 virtual stages per position: the table
-    # looks ranks, memory and times up by position (stage % pp), not by stage.
+def _stage_positions(out: str) -> list[str]:
+    stage_rows = out.split("\nstages\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert len(stage_rows) > 2 and all("GiB" in row for row in stage_rows)
+    return [row.split()[1] for row in stage_rows]
+
+
+def test_zero_bubble_plan_renders_per_pipeline_position(capsys, tmp_path) -> None:
+    # The shipped example pinned to pp 4 plans a ZB-V pipeline (two chunks per position
+    # in V order): the table looks ranks, memory and times up by position
+    # (Plan.position_of), so stage s and stage 2 pp - 1 - s show the same position.
+    job = (REPO / "examples/moejob-ling-lite.yaml").read_text()
+    pinned = tmp_path / "job.yaml"
+    pinned.write_text(
+        job.replace(
+            "    objective: throughput\n", "    objective: throughput\n    pipelineParallel: 4\n"
+        )
+    )
+    argv = [
+        "plan",
+        "-f",
+        str(pinned),
+        "--cluster",
+        str(REPO / "examples/clusters/reference-mix.yaml"),
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "schedule: zero-bubble V" in out
+    positions = _stage_positions(out)
+    assert positions == ["0", "1", "2", "3", "3", "2", "1", "0"]
+    stage_rows = out.split("\nstages\n")[1].split("\n\n")[0].splitlines()[2:]
+    assert "embedding head" not in stage_rows[0] and "head" in stage_rows[-1]
+
+
+def test_zb1p_plan_renders_per_pipeline_position(capsys) -> None:
+    # Unpinned, the shipped example plans ZB1P (loop shape, backward split) with two
+    # chunks per position: stage s on position s mod pp.
     argv = [
         "plan",
         "-f",
@@ -107,6 +140,7 @@ def test_interleaved_plan_renders_per_pipeline_position(capsys) -> None:
     ]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "virtual stages per position" in out
-    stage_rows = out.split("\nstages\n")[1].split("\n\n")[0].splitlines()[2:]
-    assert len(stage_rows) > 2 and all("GiB" in row for row in stage_rows)
+    assert "schedule: ZB1P (torch ScheduleInterleavedZeroBubble), 2 virtual stages" in out
+    positions = _stage_positions(out)
+    pp = len(positions) // 2
+    assert positions == [str(r) for r in range(pp)] * 2
