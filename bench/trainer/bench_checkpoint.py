@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from hetmoe_operator.api.model import ModelArchitecture
 from hetmoe_operator.api.training import TrainingConfig
-from hetmoe_operator.plan import ParallelDegrees, Plan, RankPlan, ReplicaPlan, StagePlan
+from hetmoe_operator.plan import Plan
 from hetmoe_trainer.checkpoint import Checkpointer
 from hetmoe_trainer.distributed import build_context, pick_device
 from hetmoe_trainer.loop import Trainer, TrainerOptions
@@ -49,31 +49,8 @@ def make_trainer(workdir: Path, hidden: int, layers: int) -> Trainer:
         vocab_size=8192,
         max_position_embeddings=512,
     )
-    plan = Plan(
-        model=arch,
-        training=TrainingConfig(steps=100, global_batch_size=1, sequence_length=32),
-        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
-        stages=[
-            StagePlan(index=0, layer_start=0, layer_end=layers, has_embedding=True, has_head=True)
-        ],
-        replicas=[
-            ReplicaPlan(dp_index=0, samples_per_step=1, microbatch_size=1, num_microbatches=1)
-        ],
-        ranks=[
-            RankPlan(
-                rank=0,
-                pool="local",
-                grade="cpu",
-                node_slot=0,
-                local_rank=0,
-                stage=0,
-                dp_index=0,
-                ep_group=0,
-                ep_rank=0,
-                experts=list(range(16)),
-            )
-        ],
-    )
+    training = TrainingConfig(steps=100, global_batch_size=1, sequence_length=32)
+    plan = Plan.single_process(arch, training, microbatch_size=1)
     options = TrainerOptions(checkpoint_dir=workdir, checkpoint_interval=10**9, peak_flops=1.0)
     return Trainer(build_context(plan, 0, pick_device(0)), options)
 

@@ -316,6 +316,50 @@ class Plan(ApiModel):
             raise ValueError("two ranks share the same (pool, node slot, local rank)")
         return self
 
+    @classmethod
+    def single_process(
+        cls, model: ModelArchitecture, training: TrainingConfig, microbatch_size: int
+    ) -> Plan:
+        """One worker holding the whole model and every expert: what ``hetmoe profile``
+        times and the one-process benchmarks run (no planner, no cluster)."""
+        batch = training.global_batch_size
+        return cls(
+            model=model,
+            training=training,
+            parallel=ParallelDegrees(pp=1, dp=1, ep=1),
+            stages=[
+                StagePlan(
+                    index=0,
+                    layer_start=0,
+                    layer_end=model.num_hidden_layers,
+                    has_embedding=True,
+                    has_head=True,
+                )
+            ],
+            replicas=[
+                ReplicaPlan(
+                    dp_index=0,
+                    samples_per_step=batch,
+                    microbatch_size=microbatch_size,
+                    num_microbatches=batch // microbatch_size,
+                )
+            ],
+            ranks=[
+                RankPlan(
+                    rank=0,
+                    pool="local",
+                    grade="cpu",
+                    node_slot=0,
+                    local_rank=0,
+                    stage=0,
+                    dp_index=0,
+                    ep_group=0,
+                    ep_rank=0,
+                    experts=list(range(model.num_experts)),
+                )
+            ],
+        )
+
     @property
     def world_size(self) -> int:
         """Number of worker processes."""

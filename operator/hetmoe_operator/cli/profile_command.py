@@ -261,49 +261,16 @@ def _trainer(
 ) -> Any:
     """A one-process ``Trainer`` of the whole model with ``microbatches`` microbatches of
     ``microbatch_size`` sequences (synthetic data, no checkpoints, no metrics server)."""
-    from hetmoe_operator.plan import ParallelDegrees, Plan, RankPlan, ReplicaPlan, StagePlan
+    from hetmoe_operator.plan import Plan
     from hetmoe_trainer.distributed import build_context, pick_device
     from hetmoe_trainer.loop import Trainer, TrainerOptions
 
-    batch = microbatch_size * microbatches
-    plan = Plan(
-        model=model,
-        training=TrainingConfig(
-            steps=10**6, global_batch_size=batch, sequence_length=sequence_length
-        ),
-        parallel=ParallelDegrees(pp=1, dp=1, ep=1),
-        stages=[
-            StagePlan(
-                index=0,
-                layer_start=0,
-                layer_end=model.num_hidden_layers,
-                has_embedding=True,
-                has_head=True,
-            )
-        ],
-        replicas=[
-            ReplicaPlan(
-                dp_index=0,
-                samples_per_step=batch,
-                microbatch_size=microbatch_size,
-                num_microbatches=microbatches,
-            )
-        ],
-        ranks=[
-            RankPlan(
-                rank=0,
-                pool="local",
-                grade="cpu",
-                node_slot=0,
-                local_rank=0,
-                stage=0,
-                dp_index=0,
-                ep_group=0,
-                ep_rank=0,
-                experts=list(range(model.num_experts)),
-            )
-        ],
+    training = TrainingConfig(
+        steps=10**6,
+        global_batch_size=microbatch_size * microbatches,
+        sequence_length=sequence_length,
     )
+    plan = Plan.single_process(model, training, microbatch_size)
     options = TrainerOptions(
         checkpoint_dir=checkpoint_dir, checkpoint_interval=10**9, peak_flops=1.0
     )
