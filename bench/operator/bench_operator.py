@@ -106,6 +106,13 @@ class PodTracker:
         if running and sum(1 for k, r in self._pods.values() if k == key and r) >= PODS_PER_JOB:
             self.running.setdefault(key, now)
 
+    def pods_by_generation(self, job: str) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for (name, generation), _ in list(self._pods.values()):
+            if name == job:
+                counts[generation] = counts.get(generation, 0) + 1
+        return counts
+
     def poll(self) -> None:
         while not self.stop.is_set():
             listing = json.loads(
@@ -214,6 +221,26 @@ def api_requests(metrics_port: int) -> float:
         for line in text.splitlines()
         if line.startswith("hetmoe_operator_api_requests_total{")
     )
+
+
+def why_not_replaced(custom: CustomObjectsApi, tracker: PodTracker, name: str) -> dict[str, Any]:
+    """What a job whose replacement never appeared says about itself, and which of its
+    generations the tracker saw: the trace a slow replacement is chased with."""
+    status = (
+        custom.get_namespaced_custom_object(
+            "hetmoe.io", "v1alpha1", NAMESPACE, "moejobs", name
+        ).get("status")
+        or {}
+    )
+    return {
+        "phase": status.get("phase"),
+        "restarts": status.get("restarts"),
+        "conditions": [
+            {k: c.get(k) for k in ("type", "status", "reason", "message")}
+            for c in status.get("conditions") or []
+        ],
+        "pods_by_generation": tracker.pods_by_generation(name),
+    }
 
 
 def fail_pod(core: CoreV1Api, name: str) -> None:
@@ -392,6 +419,11 @@ def measure(
         for n, g in victims.items()
         if (n, g) in tracker.created
     ]
+    unreplaced = {
+        n: why_not_replaced(custom, tracker, n)
+        for n, g in victims.items()
+        if (n, g) not in tracker.created
+    }
     tracker.stop.set()
     total_requests = api_requests(metrics_port) - requests_before
     floor = api_server_floor(core, args.floor_pods) if args.floor_pods else {}
@@ -410,6 +442,7 @@ def measure(
         "replacements_created": len(replacement),
         "replacement_p50_s": percentile(replacement, 50),
         "replacement_p99_s": percentile(replacement, 99),
+        "unreplaced": unreplaced,
         "api_requests_per_job_launch": requests_launch / max(1, args.jobs),
         "api_requests_total": total_requests,
         "operator_peak_rss_mib": peak_rss_mib(operator.pid),
