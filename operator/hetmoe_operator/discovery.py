@@ -10,7 +10,7 @@ rather than planned on and left Pending by the scheduler.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ from hetmoe_operator.api.catalog import DeviceCatalog
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.job import PoolRef
 from hetmoe_operator.api.operator_config import OperatorConfig, Toleration
+from hetmoe_operator.desired.names import GENERATION_LABEL, ROLE_LABEL, WORKER_POOL_LABEL
 
 Obj = Mapping[str, Any]
 
@@ -31,6 +32,8 @@ class Discovery:
     """Node name -> reason it is not usable."""
     unknown_grades: Mapping[str, str] = field(default_factory=dict)
     """Pool name -> grade label value missing from the catalog."""
+    reserved: Mapping[str, int] = field(default_factory=dict)
+    """Pool name -> free nodes left out for other jobs' workers not yet bound."""
 
     def summary(self) -> str:
         """One line for condition messages, e.g. ``pool-a: 3 nodes of A; 2 skipped``."""
@@ -40,6 +43,9 @@ class Discovery:
             for reason in self.skipped.values():
                 reasons[reason] = reasons.get(reason, 0) + 1
             parts.append("skipped " + ", ".join(f"{n} {r}" for r, n in sorted(reasons.items())))
+        for pool, count in sorted(self.reserved.items()):
+            if count:
+                parts.append(f"{count} free node(s) of {pool} kept for other jobs' new workers")
         for pool, grade in sorted(self.unknown_grades.items()):
             parts.append(f"pool {pool} has grade {grade!r} unknown to the catalog")
         return "; ".join(parts) or "no nodes carry the pool and grade labels"
@@ -118,31 +124,81 @@ def devices_in_use(
 
 
 def pending_workers(
-    pods: Iterable[Obj], pool_label: str, ignore_owner_uid: str | None = None
+    pods: Iterable[Obj], usable_nodes: Collection[str], ignore_owner_uid: str | None = None
 ) -> dict[str, int]:
-    """Unscheduled hetmoe workers per pool: each will take a whole node of its pool.
+    """Unscheduled hetmoe workers per pool that will each take a free whole node.
 
     Counting them keeps jobs planned moments apart from planning onto the same free
-    nodes before the scheduler has bound the first job's pods.
+    nodes before the scheduler has bound the first job's pods. A restarting job's new
+    workers, though, go where its previous generation is still being stopped: each
+    older-generation worker of the same job and pool still bound to a usable node
+    already holds the node one new worker will take, so it is not reserved twice.
+    Counting it twice made a pool with two jobs restarting at once look a job's worth
+    of nodes short, so the second one waited and could lose its nodes to a queued job.
     """
-    pending: dict[str, int] = {}
+    pending: dict[tuple[str, str], list[int]] = {}  # (owner, pool) -> generations
+    vacating: dict[tuple[str, str], list[int]] = {}
     for pod in pods:
         meta = pod.get("metadata", {})
         labels = meta.get("labels") or {}
-        if (
-            labels.get("hetmoe.io/role") != "worker"
-            or pod.get("spec", {}).get("nodeName")
-            or meta.get("deletionTimestamp")
-            or pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        if labels.get(ROLE_LABEL) != "worker" or pod.get("status", {}).get("phase") in (
+            "Succeeded",
+            "Failed",
         ):
             continue
         owners = meta.get("ownerReferences") or ()
+        owner = str(owners[0].get("uid")) if owners else ""
         if ignore_owner_uid and any(o.get("uid") == ignore_owner_uid for o in owners):
             continue
-        pool = labels.get(pool_label)
-        if pool:
-            pending[pool] = pending.get(pool, 0) + 1
-    return pending
+        pool = labels.get(WORKER_POOL_LABEL)
+        try:
+            generation = int(labels.get(GENERATION_LABEL, 0))
+        except ValueError:
+            generation = 0
+        node = pod.get("spec", {}).get("nodeName")
+        if not pool:
+            continue
+        if node:
+            if node in usable_nodes:
+                vacating.setdefault((owner, pool), []).append(generation)
+        elif not meta.get("deletionTimestamp"):
+            pending.setdefault((owner, pool), []).append(generation)
+    reserved: dict[str, int] = {}
+    for (owner, pool), generations in pending.items():
+        newest = max(generations)
+        held = sum(1 for g in vacating.get((owner, pool), ()) if g < newest) if owner else 0
+        reserved[pool] = reserved.get(pool, 0) + max(0, len(generations) - held)
+    return reserved
+
+
+def held_workers(
+    owner_uid: str, generation: int, nodes_per_pool: Mapping[str, int]
+) -> list[dict[str, Any]]:
+    """Stand-ins for the workers a job in restart backoff will create: one Pending
+    worker of its next generation per node of its plan, which :func:`pending_workers`
+    reserves against every other job (and ignores for the job itself).
+
+    A failed generation's pods are stopped at once, so without them the nodes would
+    look free for the whole backoff, and a job queued for the same pool would take
+    them: the job that only had to restart would then wait behind it.
+    """
+    return [
+        {
+            "metadata": {
+                "labels": {
+                    ROLE_LABEL: "worker",
+                    WORKER_POOL_LABEL: pool,
+                    GENERATION_LABEL: str(generation),
+                },
+                "ownerReferences": [{"uid": owner_uid}],
+                "deletionTimestamp": None,
+            },
+            "spec": {"nodeName": None, "containers": []},
+            "status": {"phase": "Pending"},
+        }
+        for pool, nodes in sorted(nodes_per_pool.items())
+        for _ in range(nodes)
+    ]
 
 
 def discover(
@@ -197,7 +253,7 @@ def discover(
             skipped[name] = "devices in use"
             continue
         members.setdefault(pool, []).append((name, grade_name, allocatable))
-    reserved = pending_workers(pods, config.pool_label, ignore_owner_uid)
+    reserved = pending_workers(pods, {c[0] for c in candidates}, ignore_owner_uid)
     pools = []
     for pool_name in sorted(members):
         pool_nodes = members[pool_name]
@@ -218,7 +274,10 @@ def discover(
             )
         )
     return Discovery(
-        pools=tuple(p for p in pools if p.nodes), skipped=skipped, unknown_grades=unknown
+        pools=tuple(p for p in pools if p.nodes),
+        skipped=skipped,
+        unknown_grades=unknown,
+        reserved={pool: min(n, len(members.get(pool, ()))) for pool, n in reserved.items() if n},
     )
 
 

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.job import PoolRef
 from hetmoe_operator.api.operator_config import OperatorConfig, Toleration
-from hetmoe_operator.discovery import discover
+from hetmoe_operator.discovery import discover, held_workers
 from tests.operator.fakes import catalog, node
 
 CONFIG = OperatorConfig()
@@ -97,6 +97,73 @@ def test_finished_pods_free_their_devices_and_pending_workers_reserve_a_node() -
         CONFIG,
     )
     assert found.pools[0].nodes == 1
+
+
+def worker(
+    owner: str, generation: int, node_name: str | None = None, *, deleting: bool = False
+) -> dict[str, Any]:
+    """A hetmoe worker of pool ``p``: bound to ``node_name``, or Pending without it."""
+    return {
+        "metadata": {
+            "labels": {
+                "hetmoe.io/role": "worker",
+                "hetmoe.io/pool": "p",
+                "hetmoe.io/generation": str(generation),
+            },
+            "ownerReferences": [{"uid": owner}],
+            "deletionTimestamp": "2026-11-24T00:00:00Z" if deleting else None,
+        },
+        "spec": {
+            "nodeName": node_name,
+            "containers": [{"resources": {"requests": {"nvidia.com/gpu": "8"}}}],
+        },
+        "status": {"phase": "Running" if node_name else "Pending"},
+    }
+
+
+def test_a_restarting_jobs_new_workers_take_the_nodes_its_old_ones_leave() -> None:
+    """Job "a" restarts: its generation-2 workers are Pending while its generation-1
+    workers still hold n0 and n1 (one already terminating, one not yet told to stop).
+    Job "b", restarting at the same moment, must still see its own two nodes: counting
+    a's new workers against the pool as well would leave b two nodes short."""
+    nodes = [node(f"n{i}", "p", "A") for i in range(5)]
+    pods = [
+        worker("a", 1, "n0", deleting=True),
+        worker("a", 1, "n1"),
+        worker("a", 2),
+        worker("a", 2),
+        worker("b", 1, "n2"),
+        worker("b", 1, "n3"),
+    ]
+    found = discover(nodes, pods, catalog(), CONFIG, ignore_owner_uid="b")
+    assert found.pools[0].node_names == ["n2", "n3", "n4"]
+    # Seen by a third job, a's new workers fill no free node: n4 stays free.
+    assert discover(nodes, pods, catalog(), CONFIG).pools[0].node_names == ["n4"]
+
+
+def test_new_workers_still_reserve_a_node_when_the_old_ones_sit_on_unusable_nodes() -> None:
+    """An old worker on a NotReady node (or a same-generation bound worker) frees
+    nothing the new ones could use, so they reserve free nodes as before."""
+    nodes = [node("dead", "p", "A", ready=False), node("n0", "p", "A"), node("n1", "p", "A")]
+    pods = [worker("a", 1, "dead", deleting=True), worker("a", 2, "n0"), worker("a", 2)]
+    found = discover(nodes, pods, catalog(), CONFIG)
+    assert found.pools == ()  # n1, the one free node, is the pending worker's
+    assert found.skipped["n0"] == "devices in use"
+
+
+def test_held_workers_keep_a_restarting_jobs_nodes_from_everyone_else() -> None:
+    """Job "a" waits out a restart backoff: its failed worker frees n0 and its other
+    worker on n1 is terminating. Its stand-ins keep both nodes from job "b"."""
+    nodes = [node(f"n{i}", "p", "A") for i in range(3)]
+    pods = [
+        {**worker("a", 1, "n0"), "status": {"phase": "Failed"}},
+        worker("a", 1, "n1", deleting=True),
+        *held_workers("a", 2, {"p": 2}),
+    ]
+    others = discover(nodes, pods, catalog(), CONFIG, ignore_owner_uid="b")
+    assert others.pools[0].nodes == 1  # n2 only: two stand-ins, two nodes kept
+    mine = discover(nodes, pods, catalog(), CONFIG, ignore_owner_uid="a")
+    assert mine.pools[0].node_names == ["n0", "n1", "n2"]
 
 
 def test_unknown_grades_are_reported_not_planned() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
+from hetmoe_operator.reconcile.failures import RESTART_HOLD_SECONDS, keeps_its_nodes
+from hetmoe_operator.reconcile.planning import restart_hold
 from tests.operator.fakes import World, fake_planner, small_nodes, spec
 
 
@@ -70,6 +73,32 @@ def test_without_backoff_the_failure_pass_itself_creates_the_next_generation() -
     assert sorted(stopped) == ["job-g1-pool-a-0", "job-g1-pool-d-0"], "each old pod, once"
     assert world.status.phase == "Restarting" and world.status.generation == 2
     assert world.status.restarts == 1 and world.status.last_failure is not None
+
+
+def test_a_restart_in_backoff_holds_its_plans_nodes_until_the_next_generation() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    world.reconcile()
+    held = restart_hold(world.observation(), world.status)
+    assert sorted(
+        (w["metadata"]["labels"]["hetmoe.io/pool"], w["metadata"]["labels"]["hetmoe.io/generation"])
+        for w in held
+    ) == [("pool-a", "2"), ("pool-d", "2")]
+    assert all(w["metadata"]["ownerReferences"] == [{"uid": "uid-1"}] for w in held)
+    world.settle(4)  # the backoff ends, the next generation launches: nothing is held
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert restart_hold(world.observation(), world.status) == []
+
+
+def test_a_restart_short_of_nodes_keeps_them_for_a_while_then_lets_them_go() -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    world.reconcile()
+    status, after = world.status, datetime.fromisoformat(world.status.restart_after or "")
+    hold = timedelta(seconds=RESTART_HOLD_SECONDS)
+    assert keeps_its_nodes(status, after + hold - timedelta(seconds=1))
+    assert not keeps_its_nodes(status, after + hold + timedelta(seconds=1))
+    assert not keeps_its_nodes(status.model_copy(update={"phase": "Running"}), after)
 
 
 def test_backoff_doubles_up_to_the_cap() -> None:

@@ -48,6 +48,17 @@ def test_booking_never_hides_what_the_watch_saw_and_unbooking_keeps_confirmed_po
     assert len(index.snapshot()) == 1
 
 
+def test_a_hold_is_seen_by_discovery_only_and_released_when_emptied() -> None:
+    index = PodIndex()
+    index.upsert(worker("a", phase="Running"))
+    stand_in = {"metadata": {"labels": {"hetmoe.io/role": "worker"}}, "spec": {}, "status": {}}
+    index.hold(("ns", "j"), [stand_in, stand_in])
+    assert len(index.snapshot()) == 3
+    assert [p["metadata"]["name"] for p in index.job_pods(("ns", "j"))] == ["a"]
+    index.hold(("ns", "j"), [])
+    assert len(index.snapshot()) == 1
+
+
 def test_job_cache_keeps_the_newest_resource_version() -> None:
     cache = JobCache()
     cache.put({"metadata": {"namespace": "ns", "name": "j", "resourceVersion": "10"}})

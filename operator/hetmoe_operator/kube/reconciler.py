@@ -44,7 +44,7 @@ from hetmoe_operator.plan import Plan
 from hetmoe_operator.reconcile.conditions import set_condition
 from hetmoe_operator.reconcile.decide import Decision, Environment, decide
 from hetmoe_operator.reconcile.observe import Observation, pod_obs
-from hetmoe_operator.reconcile.planning import PlanFunction
+from hetmoe_operator.reconcile.planning import PlanFunction, restart_hold
 
 log = logging.getLogger(__name__)
 
@@ -163,6 +163,7 @@ class Reconciler:
         """Drop per-job memory when the job is gone."""
         self._plans.pop((namespace, name), None)
         self._progress_at.pop((namespace, name), None)
+        self.pods.hold((namespace, name), ())
         self.metrics.job_phase(namespace, name, None)
 
     def _reconcile(self, namespace: str, name: str, held: _Held) -> float | None:
@@ -182,7 +183,7 @@ class Reconciler:
         environment = Environment(
             planner=self._timed_planner,
             discover=self._discoverer(
-                job, catalog, held, urgent=not _waits_for_capacity(observation.status)
+                job, catalog, held, urgent=takes_capacity_first(observation.status)
             ),
             catalog=catalog,
             config=self.config,
@@ -192,6 +193,7 @@ class Reconciler:
         created = [m for m in decision.creates if m["kind"] == "Pod"]
         for manifest in created:  # book the nodes before the slow part, then let others plan
             self.pods.book(manifest)
+        self.pods.hold(key, restart_hold(observation, decision.status))
         if held.locked:
             self._capacity.release()
             held.locked = False
@@ -415,3 +417,14 @@ def _waits_for_capacity(status: MoEJobStatus) -> bool:
         return False
     ready = next((c for c in status.conditions if c.type == "Ready"), None)
     return ready is not None and ready.reason == "WaitingForCapacity"
+
+
+def takes_capacity_first(status: MoEJobStatus) -> bool:
+    """Whether this pass goes before waiting jobs at the capacity lock.
+
+    Launching and restarting passes do (``kube.capacity_lock``); so does a restarting
+    job that is itself waiting: the nodes its restart freed are woken for every
+    waiting job at once, and a job that already ran keeps its claim on them ahead of
+    jobs that have never started.
+    """
+    return status.phase == "Restarting" or not _waits_for_capacity(status)

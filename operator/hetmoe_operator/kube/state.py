@@ -197,7 +197,20 @@ class PodIndex:
     _pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     _workers: dict[JobKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """(namespace, job) -> pod name -> slim worker; finished pods too (exit codes)."""
+    _holds: dict[JobKey, list[dict[str, Any]]] = field(default_factory=dict)
+    """(namespace, job) -> stand-in workers holding its nodes through a restart backoff
+    (``discovery.held_workers``); only discovery sees them, never the job's passes."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def hold(self, job: JobKey, stand_ins: Sequence[Mapping[str, Any]]) -> None:
+        """Replace the job's held stand-ins (none: release its hold). Kept in this
+        process only: an operator restarted mid-backoff forgets them, and the job then
+        competes for its nodes like any restarting job."""
+        with self._lock:
+            if stand_ins:
+                self._holds[job] = [dict(s) for s in stand_ins]
+            else:
+                self._holds.pop(job, None)
 
     def replace_workers(self, pods: Sequence[Mapping[str, Any]]) -> None:
         """Every worker pod, whatever its phase (start-up)."""
@@ -284,8 +297,9 @@ class PodIndex:
             self._workers.pop(job, None)
 
     def snapshot(self) -> list[dict[str, Any]]:
+        """Every pod discovery must count: live pods, booked ones, held stand-ins."""
         with self._lock:
-            return list(self._pods.values())
+            return [*self._pods.values(), *(s for held in self._holds.values() for s in held)]
 
 
 CAPACITY_WAKE_SECONDS = 0.5

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from hetmoe_operator.api.job import FailureAction, FailureRule
+from hetmoe_operator.api.status import MoEJobStatus
 from hetmoe_operator.plan import WorkerExit
-from hetmoe_operator.reconcile.observe import PodObs
+from hetmoe_operator.reconcile.observe import PodObs, parse_time
 
 NODE_LOST = "NodeLost"
 STUCK_TERMINATING_SECONDS = 30.0
@@ -121,6 +122,21 @@ def describe(failure: Failure) -> str:
 def backoff_seconds(base: float, cap: float, previous_restarts: int) -> float:
     """base x 2^previous_restarts, capped (exponent bounded so it cannot overflow)."""
     return float(min(cap, base * (2 ** min(previous_restarts, 32))))
+
+
+RESTART_HOLD_SECONDS = 120.0
+"""How long after its backoff a restarting job that is short of nodes keeps the ones
+it had (see :func:`keeps_its_nodes`)."""
+
+
+def keeps_its_nodes(status: MoEJobStatus, now: datetime) -> bool:
+    """Whether a restarting job's nodes stay set aside for it: through the backoff,
+    and for :data:`RESTART_HOLD_SECONDS` more while it waits for capacity (a pod of
+    another restarting job may have landed on the node its failed worker freed, so it
+    can be a node short for a moment). Past that it lets them go, so a job that lost
+    capacity for good does not starve the queue, and waits with priority instead."""
+    after = parse_time(status.restart_after) if status.phase == "Restarting" else None
+    return after is not None and now < after + timedelta(seconds=RESTART_HOLD_SECONDS)
 
 
 def needs_force_delete(pod: PodObs, nodes: Mapping[str, bool], now: datetime) -> bool:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hetmoe_operator.api.catalog import DeviceCatalog
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.job import MoEJobSpec
-from hetmoe_operator.api.status import PlanStatus, PoolPlanStatus
-from hetmoe_operator.discovery import Discovery, below_min_nodes
+from hetmoe_operator.api.status import MoEJobStatus, PlanStatus, PoolPlanStatus
+from hetmoe_operator.discovery import Discovery, below_min_nodes, held_workers
 from hetmoe_operator.placement.errors import PlanningError
 from hetmoe_operator.plan import Plan
+from hetmoe_operator.reconcile.failures import keeps_its_nodes
+from hetmoe_operator.reconcile.observe import Observation
 
 PlanFunction = Callable[..., Plan]
 """``hetmoe_operator.placement.plan_job`` or a test double with its signature."""
@@ -92,7 +95,9 @@ def make_plan(
     """
     short = below_min_nodes(discovery, spec.pools)
     if short:
-        return PlanOutcome(None, "WaitingForCapacity", "; ".join(short))
+        return PlanOutcome(
+            None, "WaitingForCapacity", f"{'; '.join(short)} (usable: {discovery.summary()})"
+        )
     usable = sum(p.nodes for p in discovery.pools)
     if spec.elastic.min_nodes and usable < spec.elastic.min_nodes:
         return PlanOutcome(
@@ -191,3 +196,13 @@ def grades_column(plan: Plan) -> str:
     for pool, (nodes, _) in pool_needs(plan).items():
         per_grade[grades[pool]] = per_grade.get(grades[pool], 0) + nodes
     return ",".join(f"{g}:{n}" for g, n in sorted(per_grade.items()))
+
+
+def restart_hold(observation: Observation, status: MoEJobStatus) -> list[dict[str, Any]]:
+    """Stand-ins for the nodes of the job's plan while its restart has not launched
+    (``failures.keeps_its_nodes``), so a job queued for the same pools cannot take
+    them meanwhile; none otherwise."""
+    if observation.plan is None or not keeps_its_nodes(status, observation.now):
+        return []
+    nodes = {pool: count for pool, (count, _) in pool_needs(observation.plan).items()}
+    return held_workers(observation.job.uid, status.generation + 1, nodes)

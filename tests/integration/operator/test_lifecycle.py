@@ -1,11 +1,14 @@
 """Operator behaviour around the edges of a job's life, on the real control plane:
-deletion without an operator, growth onto returning capacity, what the scheduler and
-the API server refuse, and the catalog ConfigMap the chart ships."""
+deletion without an operator, growth onto returning capacity, capacity contended by a
+queued job, what the scheduler and the API server refuse, and the catalog ConfigMap
+the chart ships."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,7 @@ from kubernetes.client.exceptions import ApiException
 from hetmoe_operator.api.operator_config import CatalogSource
 from hetmoe_operator.kube.catalog_source import CatalogLoader
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.topology import Topology, node_manifest, wait_nodes_ready
+from tests.cluster.topology import Pool, Topology, node_manifest, wait_nodes_ready
 from tests.integration.operator.conftest import (
     REFERENCE_CATALOG,
     OperatorProcess,
@@ -107,6 +110,32 @@ def test_scale_up_grows_a_running_job_onto_added_nodes(
                     raise
 
 
+@contextmanager
+def one_node_pool(kube_api: ApiClient, topology: Topology, name: str) -> Iterator[tuple[Pool, str]]:
+    """A grade-A pool of one node of its own (not created yet), deleted afterwards."""
+    template = next(p for p in topology.pools if p.grade == "A")
+    pool = dataclasses.replace(template, name=name, nodes=1)
+    (node,) = pool.node_names()
+    try:
+        yield pool, node
+    finally:
+        try:
+            CoreV1Api(kube_api).delete_node(node)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+
+def add_node(kube_api: ApiClient, pool: Pool, node: str) -> None:
+    CoreV1Api(kube_api).create_node(node_manifest(pool, node))
+    wait_nodes_ready(kube_api, [node])
+
+
+def ready_reason(kube_api: ApiClient, namespace: str, name: str) -> str:
+    status = get_job(kube_api, namespace, name).get("status") or {}
+    return str(condition(status, "Ready").get("reason"))
+
+
 def test_a_job_waiting_for_capacity_starts_when_a_node_appears_not_at_its_resync(
     operator: OperatorProcess,
     control_plane: ControlPlane,
@@ -117,39 +146,56 @@ def test_a_job_waiting_for_capacity_starts_when_a_node_appears_not_at_its_resync
 ) -> None:
     # An operator whose resync would take five minutes: only the node event can wake
     # the waiting job in time.
-    core = CoreV1Api(kube_api)
-    template = next(p for p in cluster_topology.pools if p.grade == "A")
-    pool = dataclasses.replace(template, name=f"late-{namespace[3:]}", nodes=1)
-    (node,) = pool.node_names()
     operator.stop()
     slow = OperatorProcess(control_plane, tmp_path, ("--resync-seconds", "300"))
     slow.start()
     try:
-        create_job(kube_api, namespace, job_manifest("late", pools=[{"name": pool.name}]))
-        eventually(
-            lambda: (
-                condition(get_job(kube_api, namespace, "late").get("status") or {}, "Ready").get(
-                    "reason"
-                )
-                == "WaitingForCapacity"
-            ),
-            60,
-            "the job waiting for capacity",
-        )
-        core.create_node(node_manifest(pool, node))
-        wait_nodes_ready(kube_api, [node])
-        eventually(
-            lambda: job_pods(kube_api, namespace, "late"), 60, "workers on the new node", 0.2
-        )
-        delete_job(kube_api, namespace, "late")
+        with one_node_pool(kube_api, cluster_topology, f"late-{namespace[3:]}") as (pool, node):
+            create_job(kube_api, namespace, job_manifest("late", pools=[{"name": pool.name}]))
+            eventually(
+                lambda: ready_reason(kube_api, namespace, "late") == "WaitingForCapacity",
+                60,
+                "the job waiting for capacity",
+            )
+            add_node(kube_api, pool, node)
+            eventually(
+                lambda: job_pods(kube_api, namespace, "late"), 60, "workers on the new node", 0.2
+            )
+            delete_job(kube_api, namespace, "late")
     finally:
         slow.stop()
         operator.start()
-        try:
-            core.delete_node(node)
-        except ApiException as error:
-            if error.status != 404:
-                raise
+
+
+def test_a_restart_keeps_its_nodes_through_the_backoff_from_a_queued_job(
+    operator: OperatorProcess,
+    control_plane: ControlPlane,
+    kube_api: ApiClient,
+    namespace: str,
+    cluster_topology: Topology,
+) -> None:
+    # A one-node pool: "first" runs on it, "queued" waits for it. When first's worker
+    # fails, the node is free at once (a Failed pod holds no devices) and the queued
+    # job is woken; first's restart must still get the node back after its backoff.
+    with one_node_pool(kube_api, cluster_topology, f"held-{namespace[3:]}") as (pool, node):
+        add_node(kube_api, pool, node)
+        elastic = {"maxRestarts": 3, "backoffSeconds": 4, "maxBackoffSeconds": 4}
+        pools = [{"name": pool.name}]
+        create_job(kube_api, namespace, job_manifest("first", pools=pools, elastic=elastic))
+        wait_phase(kube_api, namespace, "first", "Running", timeout=90)
+        create_job(kube_api, namespace, job_manifest("queued", pools=pools))
+        eventually(
+            lambda: ready_reason(kube_api, namespace, "queued") == "WaitingForCapacity",
+            60,
+            "the queued job waiting for the node",
+        )
+        (victim,) = job_pods(kube_api, namespace, "first")
+        fail_pod(control_plane, namespace, victim["metadata"]["name"])
+        wait_phase(kube_api, namespace, "first", "Running", timeout=90, restarts=1, generation=2)
+        assert ready_reason(kube_api, namespace, "queued") == "WaitingForCapacity"
+        assert not job_pods(kube_api, namespace, "queued")
+        delete_job(kube_api, namespace, "queued")
+        delete_job(kube_api, namespace, "first")
 
 
 def test_unschedulable_workers_show_the_scheduler_message(
