@@ -151,13 +151,13 @@ def pending_workers(
         if ignore_owner_uid and any(o.get("uid") == ignore_owner_uid for o in owners):
             continue
         pool = labels.get(WORKER_POOL_LABEL)
+        if not pool:
+            continue
         try:
             generation = int(labels.get(GENERATION_LABEL, 0))
         except ValueError:
             generation = 0
         node = pod.get("spec", {}).get("nodeName")
-        if not pool:
-            continue
         if node:
             if node in usable_nodes:
                 vacating.setdefault((owner, pool), []).append(generation)
@@ -174,9 +174,10 @@ def pending_workers(
 def held_workers(
     owner_uid: str, generation: int, nodes_per_pool: Mapping[str, int]
 ) -> list[dict[str, Any]]:
-    """Stand-ins for the workers a job in restart backoff will create: one Pending
-    worker of its next generation per node of its plan, which :func:`pending_workers`
-    reserves against every other job (and ignores for the job itself).
+    """Stand-ins for the workers a restarting job will create once it launches: one
+    Pending worker of its next generation per node of its plan, which
+    :func:`pending_workers` reserves against every other job (and ignores for the job
+    itself).
 
     A failed generation's pods are stopped at once, so without them the nodes would
     look free for the whole backoff, and a job queued for the same pool would take

@@ -198,14 +198,14 @@ class PodIndex:
     _workers: dict[JobKey, dict[str, dict[str, Any]]] = field(default_factory=dict)
     """(namespace, job) -> pod name -> slim worker; finished pods too (exit codes)."""
     _holds: dict[JobKey, list[dict[str, Any]]] = field(default_factory=dict)
-    """(namespace, job) -> stand-in workers holding its nodes through a restart backoff
+    """(namespace, job) -> stand-in workers holding its nodes until its restart launches
     (``discovery.held_workers``); only discovery sees them, never the job's passes."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def hold(self, job: JobKey, stand_ins: Sequence[Mapping[str, Any]]) -> None:
         """Replace the job's held stand-ins (none: release its hold). Kept in this
-        process only: an operator restarted mid-backoff forgets them, and the job then
-        competes for its nodes like any restarting job."""
+        process only: an operator restarted mid-restart forgets them until the job's
+        next pass sets them again."""
         with self._lock:
             if stand_ins:
                 self._holds[job] = [dict(s) for s in stand_ins]
