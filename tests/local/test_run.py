@@ -7,6 +7,7 @@ else is what ``make run`` does.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -47,6 +48,25 @@ def test_tiny_run_completes_and_the_loss_falls(tiny_baseline: RunResult) -> None
     assert f"plot: {plot}" in result.stdout
     assert "(simulated)" in result.stdout  # the summary labels simulated figures
     assert "Traceback" not in result.stderr
+
+
+def test_running_a_finished_job_again_resumes_at_its_end_and_says_so(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    """The second ``make run`` a newcomer types: the checkpoints are kept, so the job
+    resumes at its last step, trains nothing, and must report where it stands (it
+    used to print step 0 and no loss)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_baseline.run_dir, run_dir)
+    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5)
+    before = read_train_log(run_dir / "checkpoints")
+    again = run_hetmoe(hetmoe_argv(job, run_dir), run_dir)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "resuming from checkpoint step_00000016 (--fresh starts over)" in again.stdout
+    final = _final_line(again)
+    assert "phase=Succeeded" in final and "step=16/16" in final, final
+    assert f"loss={before[-1]['loss']:.4f}" in final, final
+    assert read_train_log(run_dir / "checkpoints") == before, "nothing left to train"
 
 
 def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(

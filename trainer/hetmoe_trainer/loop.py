@@ -273,6 +273,7 @@ class Trainer:
             resume = self.checkpointer.find_resume_point()
             if resume is not None:
                 self.load(resume)
+                self._report_resumed()
             while self.step < self.total_steps:
                 self.train_step()
             if self.checkpointer.last_step != self.step:
@@ -555,6 +556,20 @@ class Trainer:
             events=self.detector.events,
             stage_step_seconds=per_stage,
             phase_seconds=dict(times.phases),
+        )
+
+    def _report_resumed(self) -> None:
+        """Progress as the checkpoint left it, before any new step: a job resumed at
+        its last step trains nothing, and must not report step 0 and no loss."""
+        window = self.detector.window
+        self._report(
+            step=self.step,
+            tokens=self.step * self.training.tokens_per_step,
+            consumed_samples=self.stream.consumed,
+            loss=_finite_or_none(window[-1]) if window else None,
+            last_checkpoint_step=self.checkpointer.last_step,
+            anomalies=self.detector.counts,
+            events=self.detector.events,
         )
 
     def _report(self, **fields: object) -> None:

@@ -25,7 +25,7 @@ from hetmoe_operator.local.display import Display
 from hetmoe_operator.local.executor import simulated_slowdowns
 from hetmoe_operator.local.summary import PLOT_FILE, RunSummary, plot_history, summary_table
 from hetmoe_operator.local.supervisor import FaultInjection, Supervisor
-from hetmoe_operator.local.telemetry import list_checkpoints, read_train_log
+from hetmoe_operator.local.telemetry import latest_checkpoint, list_checkpoints, read_train_log
 from hetmoe_operator.plan import Plan
 
 DEFAULT_CLUSTER = Path("examples/clusters/local.yaml")
@@ -136,6 +136,9 @@ def run(args: argparse.Namespace) -> int:
     supervisor = Supervisor(job, cluster, run_dir, fault=fault)
     print(describe_plan(supervisor.preflight(), simulated_slowdowns(cluster)), flush=True)
     print(f"run directory: {run_dir} (worker logs in logs/)", flush=True)
+    resume_from = latest_checkpoint(supervisor.checkpoint_dir)
+    if resume_from:
+        print(f"resuming from checkpoint {resume_from} (--fresh starts over)", flush=True)
     started = time.monotonic()
     interrupted = False
     try:

@@ -66,7 +66,8 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row("tokens", f"{progress.tokens:,}")
         loss = f"{progress.loss:.6f}" if progress.loss is not None else "-"
         table.add_row("final loss" if view.phase == "Succeeded" else "last loss", loss)
-        table.add_row(f"tokens/s measured{sim}", f"{progress.tokens_per_second:,.0f}")
+        measured = progress.tokens_per_second  # 0 when this run trained no step
+        table.add_row(f"tokens/s measured{sim}", f"{measured:,.0f}" if measured else "-")
     plan = view.plan
     if plan and plan.prediction:
         table.add_row(f"tokens/s predicted{sim}", f"{plan.prediction.tokens_per_s:,.0f}")

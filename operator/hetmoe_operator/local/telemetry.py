@@ -98,12 +98,17 @@ def read_train_log(checkpoint_dir: Path) -> list[dict[str, float]]:
     return [by_step[step] for step in sorted(by_step)]
 
 
+def latest_checkpoint(checkpoint_dir: Path) -> str:
+    """The checkpoint the ``latest`` pointer names ("" when there is none yet)."""
+    try:
+        return (checkpoint_dir / LATEST_POINTER).read_text().strip()
+    except OSError:
+        return ""
+
+
 def list_checkpoints(checkpoint_dir: Path) -> list[str]:
     """Complete checkpoints (those with a manifest), oldest first; latest marked."""
-    try:
-        latest = (checkpoint_dir / LATEST_POINTER).read_text().strip()
-    except OSError:
-        latest = ""
+    latest = latest_checkpoint(checkpoint_dir)
     if not checkpoint_dir.is_dir():
         return []
     names = sorted(p.name for p in checkpoint_dir.iterdir() if (p / CHECKPOINT_MANIFEST).is_file())

@@ -84,3 +84,27 @@ def test_metrics_and_progress_endpoints(tmp_path: Path) -> None:
     assert written["tokens"] == 4 * plan.training.tokens_per_step
     assert written["stage_step_seconds"].keys() == {"0"}
     assert written["loss"] > 0 and written["eta_seconds"] > 0
+
+
+@pytest.mark.usefixtures("single_process_group")
+def test_resuming_a_finished_run_reports_where_it_stands(tmp_path: Path) -> None:
+    """Run a job to its end, then start it again on the same checkpoints (what a
+    second ``hetmoe run`` does): nothing is left to train, and progress must say step
+    4 of 4 with the last loss, not step 0 with none."""
+    plan = make_plan(steps=4, sequence_length=16, replicas=[(2, 2)])
+
+    def trainer() -> Trainer:
+        options = TrainerOptions(
+            checkpoint_dir=tmp_path, checkpoint_interval=2, faults=(), peak_flops=1e11
+        )
+        return Trainer(build_context(plan, 0, pick_device(0)), options)
+
+    assert trainer().run() == 0
+    first = json.loads((tmp_path / "progress.json").read_text())
+    (tmp_path / "progress.json").unlink()
+    assert trainer().run() == 0
+    again = json.loads((tmp_path / "progress.json").read_text())
+    assert (again["state"], again["step"], again["tokens"]) == ("finished", 4, first["tokens"])
+    assert again["consumed_samples"] == first["consumed_samples"]
+    assert again["loss"] == pytest.approx(first["loss"])
+    assert again["last_checkpoint_step"] == 4
