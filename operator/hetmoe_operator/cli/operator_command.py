@@ -73,11 +73,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Build the operator from typed settings and hand it to kopf (imported lazily)."""
     import kopf
-    from kubernetes import config as kube_config
 
     from hetmoe_operator.api.operator_config import CatalogSource, OperatorConfig, Toleration
     from hetmoe_operator.kube.apply import KubeApi
     from hetmoe_operator.kube.catalog_source import CatalogLoader
+    from hetmoe_operator.kube.connect import load_in_cluster_or_kubeconfig
     from hetmoe_operator.kube.handlers import OperatorContext, build_registry
     from hetmoe_operator.kube.metrics import OperatorMetrics
     from hetmoe_operator.kube.reconciler import Reconciler
@@ -101,10 +101,7 @@ def run(args: argparse.Namespace) -> int:
         progress_poll_seconds=args.progress_poll_seconds,
         worker_tolerations=[Toleration(key=key) for key in args.toleration],
     )
-    try:
-        kube_config.load_incluster_config()
-    except kube_config.ConfigException:
-        kube_config.load_kube_config()
+    load_in_cluster_or_kubeconfig()
     from kubernetes.client import ApiClient, Configuration
 
     configuration = Configuration.get_default_copy()

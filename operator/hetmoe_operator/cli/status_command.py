@@ -78,21 +78,25 @@ def render(job: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Fetch the job and print it."""
-    from kubernetes import client, config
+    from kubernetes import client
     from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
 
     from hetmoe_operator.api.job import GROUP, PLURAL, VERSION
     from hetmoe_operator.errors import UserError
+    from hetmoe_operator.kube.connect import load_kubeconfig
 
-    config.load_kube_config()
-    namespace = args.namespace or config.list_kube_config_contexts()[1]["context"].get(
-        "namespace", "default"
-    )
+    context_namespace = load_kubeconfig()
+    namespace = args.namespace or context_namespace
     try:
         job: dict[str, Any] = client.CustomObjectsApi().get_namespaced_custom_object(  # type: ignore[assignment]
             GROUP, VERSION, namespace, PLURAL, args.name
         )
     except ApiException as error:
         raise UserError(f"moejob {namespace}/{args.name}: {error.reason}") from None
+    except HTTPError as error:  # refused, timed out, TLS: the cluster is not reachable
+        host = client.Configuration.get_default_copy().host
+        reason = getattr(error, "reason", None) or error
+        raise UserError(f"cannot reach the Kubernetes API server at {host}: {reason}") from None
     print(json.dumps(job.get("status") or {}, indent=2) if args.output == "json" else render(job))
     return 0
