@@ -52,11 +52,13 @@ def test_a_hold_is_seen_by_discovery_only_and_released_when_emptied() -> None:
     index = PodIndex()
     index.upsert(worker("a", phase="Running"))
     stand_in = {"metadata": {"labels": {"hetmoe.io/role": "worker"}}, "spec": {}, "status": {}}
-    index.hold(("ns", "j"), [stand_in, stand_in])
+    assert index.hold(("ns", "j"), [stand_in, stand_in]) == 0
     assert len(index.snapshot()) == 3
     assert [p["metadata"]["name"] for p in index.job_pods(("ns", "j"))] == ["a"]
-    index.hold(("ns", "j"), [])
+    assert index.hold(("ns", "j"), [stand_in]) == 1, "one node let go: wake waiting jobs"
+    assert index.hold(("ns", "j"), []) == 1
     assert len(index.snapshot()) == 1
+    assert index.hold(("ns", "j"), []) == 0
 
 
 def test_job_cache_keeps_the_newest_resource_version() -> None:

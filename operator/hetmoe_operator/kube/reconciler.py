@@ -163,7 +163,8 @@ class Reconciler:
         """Drop per-job memory when the job is gone."""
         self._plans.pop((namespace, name), None)
         self._progress_at.pop((namespace, name), None)
-        self.pods.hold((namespace, name), ())
+        if self.pods.hold((namespace, name), ()):
+            self.wakeups.capacity_may_be_back()
         self.metrics.job_phase(namespace, name, None)
 
     def _reconcile(self, namespace: str, name: str, held: _Held) -> float | None:
@@ -193,7 +194,8 @@ class Reconciler:
         created = [m for m in decision.creates if m["kind"] == "Pod"]
         for manifest in created:  # book the nodes before the slow part, then let others plan
             self.pods.book(manifest)
-        self.pods.hold(key, restart_hold(observation, decision.status))
+        if self.pods.hold(key, restart_hold(observation, decision.status)) and not created:
+            self.wakeups.capacity_may_be_back()  # given up, not taken over by new pods
         if held.locked:
             self._capacity.release()
             held.locked = False

@@ -202,15 +202,17 @@ class PodIndex:
     (``discovery.held_workers``); only discovery sees them, never the job's passes."""
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def hold(self, job: JobKey, stand_ins: Sequence[Mapping[str, Any]]) -> None:
-        """Replace the job's held stand-ins (none: release its hold). Kept in this
-        process only: an operator restarted mid-restart forgets them until the job's
-        next pass sets them again."""
+    def hold(self, job: JobKey, stand_ins: Sequence[Mapping[str, Any]]) -> int:
+        """Replace the job's held stand-ins (none: release its hold); returns how many
+        it let go. Kept in this process only: an operator restarted mid-restart
+        forgets them until the job's next pass sets them again."""
         with self._lock:
+            before = len(self._holds.get(job, ()))
             if stand_ins:
                 self._holds[job] = [dict(s) for s in stand_ins]
             else:
                 self._holds.pop(job, None)
+        return max(0, before - len(stand_ins))
 
     def replace_workers(self, pods: Sequence[Mapping[str, Any]]) -> None:
         """Every worker pod, whatever its phase (start-up)."""
