@@ -44,15 +44,7 @@ def tiny_plan(steps: int) -> Plan:
         model=arch,
         training=TrainingConfig(steps=steps, global_batch_size=8, sequence_length=32),
         parallel=ParallelDegrees(pp=1, dp=2, ep=2),
-        stages=[
-            StagePlan(
-                index=0,
-                layer_start=0,
-                layer_end=arch.num_hidden_layers,
-                has_embedding=True,
-                has_head=True,
-            )
-        ],
+        stages=[StagePlan.whole_model(arch)],
         replicas=[
             ReplicaPlan(dp_index=j, samples_per_step=4, microbatch_size=2, num_microbatches=2)
             for j in range(2)

@@ -82,15 +82,7 @@ def our_plan(ep: int = 1) -> Plan:
         model=ARCH,
         training=training,
         parallel=ParallelDegrees(pp=1, dp=ep, ep=ep),
-        stages=[
-            StagePlan(
-                index=0,
-                layer_start=0,
-                layer_end=ARCH.num_hidden_layers,
-                has_embedding=True,
-                has_head=True,
-            )
-        ],
+        stages=[StagePlan.whole_model(ARCH)],
         replicas=[
             ReplicaPlan(
                 dp_index=j, samples_per_step=BATCH, microbatch_size=BATCH, num_microbatches=1

@@ -63,6 +63,18 @@ class StagePlan(ApiModel):
     """Keep only each layer's input during forward and recompute the rest in backward
     (the planner sets it where 1F1B's in-flight activations would not fit)."""
 
+    @classmethod
+    def whole_model(cls, model: ModelArchitecture, *, recompute: bool = False) -> StagePlan:
+        """The one stage of an unpipelined plan: every layer, embedding and head."""
+        return cls(
+            index=0,
+            layer_start=0,
+            layer_end=model.num_hidden_layers,
+            has_embedding=True,
+            has_head=True,
+            recompute_activations=recompute,
+        )
+
     @property
     def layers(self) -> range:
         """Global layer ids of this stage."""
@@ -327,15 +339,7 @@ class Plan(ApiModel):
             model=model,
             training=training,
             parallel=ParallelDegrees(pp=1, dp=1, ep=1),
-            stages=[
-                StagePlan(
-                    index=0,
-                    layer_start=0,
-                    layer_end=model.num_hidden_layers,
-                    has_embedding=True,
-                    has_head=True,
-                )
-            ],
+            stages=[StagePlan.whole_model(model)],
             replicas=[
                 ReplicaPlan(
                     dp_index=0,

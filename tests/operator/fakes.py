@@ -95,15 +95,7 @@ def fake_planner(
         model=model,
         training=training,
         parallel=ParallelDegrees(pp=1, dp=world, ep=1),
-        stages=[
-            StagePlan(
-                index=0,
-                layer_start=0,
-                layer_end=model.num_hidden_layers,
-                has_embedding=True,
-                has_head=True,
-            )
-        ],
+        stages=[StagePlan.whole_model(model)],
         replicas=replicas,
         ranks=ranks,
         pools=[

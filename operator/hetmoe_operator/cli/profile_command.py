@@ -296,13 +296,7 @@ def _measure_once(
     training = TrainingConfig(
         steps=1, global_batch_size=microbatch_size, sequence_length=sequence_length
     )
-    stage_plan = StagePlan(
-        index=0,
-        layer_start=0,
-        layer_end=model.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-    )
+    stage_plan = StagePlan.whole_model(model)
     ep = ExpertParallel(None, [list(range(model.num_experts))], 0)
     stage = build_stage(model, stage_plan, training, ep, device="cpu")
     hidden = torch.randn(microbatch_size, sequence_length, model.hidden_size, requires_grad=True)

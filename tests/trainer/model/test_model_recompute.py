@@ -9,14 +9,7 @@ from hetmoe_trainer.model import ExpertParallel, build_stage
 
 
 def _loss_grads_and_load(tiny, training, recompute: bool):
-    plan = StagePlan(
-        index=0,
-        layer_start=0,
-        layer_end=tiny.num_hidden_layers,
-        has_embedding=True,
-        has_head=True,
-        recompute_activations=recompute,
-    )
+    plan = StagePlan.whole_model(tiny, recompute=recompute)
     ep = ExpertParallel(None, [list(range(tiny.num_experts))], 0)
     stage = build_stage(tiny, plan, training, ep, device="cpu")
     stage.train()
