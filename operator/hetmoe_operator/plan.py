@@ -437,3 +437,9 @@ class WorkerExit:
     """This rank's device is persistently slow or faulty: re-plan without its node."""
     ROLLBACK_EXHAUSTED = 87
     """Repeated anomalies persisted across rollbacks: needs a human."""
+    STOPPED = 88
+    """Asked to stop (SIGTERM or SIGINT): finished its step, saved a checkpoint, exited.
+
+    The job did nothing wrong (a drain, an eviction, a preemption), so a restart
+    resumes from that checkpoint without using up a restart. A torchrun agent that is
+    itself signalled exits with the shell's 128 + signal (143 for SIGTERM) instead."""

@@ -37,6 +37,7 @@ from hetmoe_trainer.distributed import (
     plan_rank_from_env,
     validate_plan,
 )
+from hetmoe_trainer.stop import stop_on_signals
 
 log = logging.getLogger("hetmoe_trainer")
 
@@ -202,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration error: %s", error)
         dist.destroy_process_group()
         return WorkerExit.CONFIG_ERROR
-    code = trainer.run()
+    with stop_on_signals(trainer.stop):
+        code = trainer.run()
     dist.destroy_process_group()
     return code
 

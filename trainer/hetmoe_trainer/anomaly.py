@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import statistics
 import time
 from collections import deque
@@ -225,7 +226,7 @@ class StragglerMonitor:
         return None
 
 
-FaultKind = Literal["nan", "spike", "slow", "crash"]
+FaultKind = Literal["nan", "spike", "slow", "crash", "term"]
 
 
 @dataclass(frozen=True)
@@ -235,14 +236,15 @@ class Fault:
     Steps are 0-based step indices (the step that completes as step ``step + 1`` in
     the log). nan, spike and crash faults fire once per process.
 
-    Keys: ``kind`` (nan | spike | slow | crash), ``step`` (the step it fires at; for
+    Keys: ``kind`` (nan | spike | slow | crash | term: the process sends itself
+    SIGTERM, as a pod being stopped gets it), ``step`` (the step it fires at; for
     ``slow`` the first slowed step, default 0), ``rank`` (plan rank, default all),
     ``seconds`` (slow: delay per step), ``scale`` (spike: loss factor), ``sticky``
     (spike: the batch's samples stay poisoned, so a re-injection spikes again; nan:
     a NaN gradient at every step from ``step`` on, e.g. broken hardware, so rollbacks
     cannot clear it and ``ROLLBACK_EXHAUSTED`` follows),
     ``when`` (crash: ``step`` or ``save`` = right after starting that step's
-    checkpoint), ``attempt`` (crash: only on this torchrun restart attempt).
+    checkpoint), ``attempt`` (crash, term: only on this torchrun restart attempt).
     """
 
     kind: FaultKind
@@ -264,8 +266,8 @@ class Fault:
                 raise ValueError(f"fault {text!r}: {part!r} is not key=value")
             fields[key.strip()] = value.strip()
         kind = fields.pop("kind", "")
-        if kind not in ("nan", "spike", "slow", "crash"):
-            raise ValueError(f"fault {text!r}: kind must be nan, spike, slow or crash")
+        if kind not in ("nan", "spike", "slow", "crash", "term"):
+            raise ValueError(f"fault {text!r}: kind must be nan, spike, slow, crash or term")
         when = fields.pop("when", "step")
         if when not in ("step", "save"):
             raise ValueError(f"fault {text!r}: when must be step or save")
@@ -338,3 +340,9 @@ class FaultInjector:
         for fault in self._mine("crash"):
             if fault.when == when and fault.attempt == self.attempt and self._fires(fault, step):
                 os._exit(137)
+
+    def terminate(self, step: int) -> None:
+        """Send this process SIGTERM at a ``term`` fault's step (a stop request)."""
+        for fault in self._mine("term"):
+            if fault.attempt == self.attempt and self._fires(fault, step):
+                os.kill(os.getpid(), signal.SIGTERM)

@@ -2,9 +2,16 @@
 
 torchrun (torch.distributed.run) turns any worker failure into its own exit code 1,
 so the pod would hide the trainer's :class:`~hetmoe_operator.plan.WorkerExit` codes
-(78 config error, 86 replace this node, 87 rollbacks exhausted) from the operator.
-This wrapper runs torchrun unchanged and, when workers fail, exits with the most
-telling of their codes: a hetmoe code if any worker used one, else the first failure's.
+(78 config error, 86 replace this node, 87 rollbacks exhausted, 88 stopped) from the
+operator. This wrapper runs torchrun unchanged and, when workers fail, exits with the
+most telling of their codes: a hetmoe code if any worker used one, else the first
+failure's.
+
+When the agent itself is signalled (a pod asked to stop), torchrun forwards the signal
+to its workers, which finish their step and save a checkpoint
+(:mod:`hetmoe_trainer.stop`), waits up to ``--shutdown-timeout`` for them, and raises;
+the wrapper then exits as a signalled shell command would (128 + signal, 143 for
+SIGTERM) with one log line instead of a traceback.
 
 It also keeps the c10d rendezvous store up until every agent has shut down. torchrun's
 host agent (``--rdzv-conf is_host=true``) serves the store from its own process and
@@ -28,6 +35,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from torch.distributed import TCPStore
+from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
@@ -36,7 +44,12 @@ from hetmoe_operator.plan import WorkerExit
 
 # Most specific first: a config error explains the others, a node to replace beats
 # an exhausted rollback budget.
-_PRIORITY = (WorkerExit.CONFIG_ERROR, WorkerExit.REPLACE_NODE, WorkerExit.ROLLBACK_EXHAUSTED)
+_PRIORITY = (
+    WorkerExit.CONFIG_ERROR,
+    WorkerExit.REPLACE_NODE,
+    WorkerExit.ROLLBACK_EXHAUSTED,
+    WorkerExit.STOPPED,
+)
 
 
 def telling_exit_code(codes: Iterable[int]) -> int:
@@ -118,6 +131,13 @@ def _run(args: argparse.Namespace) -> int:
     except ChildFailedError as error:
         failures = sorted(error.failures.values(), key=lambda f: f.timestamp)
         return telling_exit_code(f.exitcode for f in failures)
+    except SignalException as stop:
+        print(
+            f"hetmoe_trainer.launch: {stop.sigval.name} received; the workers were asked "
+            "to finish their step, save a checkpoint and stop",
+            file=sys.stderr,
+        )
+        return 128 + int(stop.sigval)
     return 0
 
 

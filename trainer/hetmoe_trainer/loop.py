@@ -7,14 +7,16 @@ One step, identical on every rank:
 2. run the microbatches through the pipeline (:class:`StepRunner`);
 3. sum gradients over each parameter's holders (:class:`GradientSync`; buckets
    whose gradients are final already left during backward, the rest go now);
-4. one all-reduce over the world of ``[loss, grad-norm^2, non-finite flag,
-   per-rank ready time...]`` gives every rank the global loss, norm and step times;
+4. one all-reduce over the world of ``[loss, grad-norm^2, non-finite flag, stop
+   requests, per-rank ready time...]`` gives every rank the global loss, norm, step
+   times and whether any rank was asked to stop (:mod:`hetmoe_trainer.stop`);
 5. the anomaly detector decides (same inputs everywhere, so the same verdict):
    apply (clip, AdamW on this rank's ZeRO-1 share, broadcast to the other holders),
    skip (optimizer untouched), apply with a lowered LR, or roll back to the last
    checkpoint;
 6. metrics, ``progress.json``, the per-step log, and a checkpoint every
-   ``checkpoint_interval`` steps.
+   ``checkpoint_interval`` steps, or now if a rank was asked to stop (then the run
+   ends with ``WorkerExit.STOPPED``).
 
 Plan rank 0 appends one JSON line per step to ``<checkpoint dir>/train_log.jsonl``
 (``step`` is the number of steps completed; after a resume a step may appear twice,
@@ -63,11 +65,20 @@ from hetmoe_trainer.optim import (
 from hetmoe_trainer.pipeline import StepRunner
 from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter
 from hetmoe_trainer.schedule import learning_rate
+from hetmoe_trainer.stop import StopRequest
 
 log = logging.getLogger(__name__)
 
 TRAIN_LOG = "train_log.jsonl"
 PROGRESS = "progress.json"
+
+
+_EXIT_STATES = {
+    WorkerExit.STOPPED: "stopped",
+    WorkerExit.REPLACE_NODE: "straggler",
+    WorkerExit.ROLLBACK_EXHAUSTED: "rollback-exhausted",
+}
+"""``progress.json`` state for each way training can end early."""
 
 
 class TrainingExit(Exception):
@@ -143,7 +154,11 @@ class StepTimes:
 class Trainer:
     """Trains one rank's share of the plan; ``run()`` returns a WorkerExit code."""
 
-    def __init__(self, context: ParallelContext, options: TrainerOptions) -> None:
+    def __init__(
+        self, context: ParallelContext, options: TrainerOptions, stop: StopRequest | None = None
+    ) -> None:
+        """``stop``: set by a signal handler (:func:`~hetmoe_trainer.stop.stop_on_signals`);
+        every rank stops after the first step at which any rank had it set."""
         plan, me = context.plan, context.me
         if options.compile and plan.splits_backward:
             raise PlanError(
@@ -154,6 +169,7 @@ class Trainer:
         training = plan.training
         self.context = context
         self.options = options
+        self.stop = stop if stop is not None else StopRequest()
         self.training = training
         self.total_steps = training.total_steps
         device = context.device.device
@@ -281,12 +297,19 @@ class Trainer:
             self.checkpointer.wait()
             self._report(state="finished", last_checkpoint_step=self.checkpointer.last_step)
             return WorkerExit.OK
-        except TrainingExit as stop:
-            log.error("%s", stop)
+        except TrainingExit as end:
+            if end.code == WorkerExit.STOPPED:
+                log.warning("%s", end)
+            else:
+                log.error("%s", end)
             self.checkpointer.wait()
-            state = "straggler" if stop.code == WorkerExit.REPLACE_NODE else "rollback-exhausted"
-            self._report(state=state, anomalies=self.detector.counts, events=self.detector.events)
-            return stop.code
+            self._report(
+                state=_EXIT_STATES[end.code],
+                anomalies=self.detector.counts,
+                events=self.detector.events,
+                last_checkpoint_step=self.checkpointer.last_step,
+            )
+            return end.code
         finally:
             if self.server is not None:
                 self.server.close()
@@ -300,6 +323,7 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step (or a skipped one, or a rollback)."""
         self.faults.crash(self.step, "step")
+        self.faults.terminate(self.step)
         times = StepTimes()
         start = time.perf_counter()
         position = self.stream.consumed
@@ -338,15 +362,20 @@ class Trainer:
         times.add("grad_sync", time.perf_counter() - phase)
 
         world = self.context.world_size
-        stats = torch.zeros(3 + world, dtype=torch.float64, device=self.context.device.device)
+        stats = torch.zeros(4 + world, dtype=torch.float64, device=self.context.device.device)
         norm_sq = self.sync.local_norm_sq()
         stats[0] = local_loss.double()
         stats[1] = norm_sq.double()
         stats[2] = float(not (torch.isfinite(local_loss) and torch.isfinite(norm_sq)))
-        stats[3 + self.context.rank] = ready
+        # A stop request rides on this all-reduce: every rank learns of it after the
+        # same step, without a collective of its own.
+        stats[3] = float(self.stop.requested)
+        stats[4 + self.context.rank] = ready
         dist.all_reduce(stats)
         values = stats.tolist()
         loss, grad_norm = values[0], math.sqrt(values[1]) if values[1] >= 0 else math.nan
+        stopping = values[3] > 0
+        ready_times = values[4 : 4 + world]
         verdict = self.detector.judge(
             self.step,
             loss,
@@ -381,12 +410,12 @@ class Trainer:
 
         if verdict.action is Action.ROLLBACK:
             self._rollback(verdict)
+            if stopping:
+                raise self._stopped("after rolling back; the checkpoint rolled back to is kept")
             return
         self.step += 1
-        scores = self.stragglers.update(values[3 : 3 + world])
-        self._record(
-            verdict, loss, grad_norm, lr, loads, scores, values[3 : 3 + world], times, start
-        )
+        scores = self.stragglers.update(ready_times)
+        self._record(verdict, loss, grad_norm, lr, loads, scores, ready_times, times, start)
         self._check_stragglers(scores)
 
         if self.step % self.options.checkpoint_interval == 0:
@@ -401,6 +430,26 @@ class Trainer:
             self.faults.crash(self.step, "save")
             times.add("checkpoint", time.perf_counter() - phase)
         self.checkpointer.poll()
+        if stopping and self.step < self.total_steps:
+            self._stop_with_checkpoint()
+
+    def _stop_with_checkpoint(self) -> None:
+        """Every rank saw a stop request this step: checkpoint it (unless that would
+        break a rollback, as above) and end with ``WorkerExit.STOPPED``."""
+        if self.detector.consecutive_skips:
+            raise self._stopped(
+                f"inside a streak of skipped steps, so the last checkpoint "
+                f"(step {self.checkpointer.last_step}) is kept for a rollback"
+            )
+        if self.checkpointer.last_step != self.step:
+            self.save()
+        raise self._stopped(f"checkpoint saved at step {self.step}")
+
+    def _stopped(self, detail: str) -> TrainingExit:
+        by = self.stop.signal.name if self.stop.signal else "another rank"
+        return TrainingExit(
+            WorkerExit.STOPPED, f"stopped on request ({by}) at step {self.step}: {detail}"
+        )
 
     def _expert_loads(self) -> dict[int, torch.Tensor]:
         """Tokens per expert and layer this step, summed over the stage's replicas."""

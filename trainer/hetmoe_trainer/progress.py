@@ -7,7 +7,8 @@ itself: the trainer must not need the Kubernetes client or RBAC (an import contr
 forbids it), the operator already reaches the pod network, and local mode (no
 cluster) just reads the file. Schema (all keys always present)::
 
-    {"version": 1, "state": "running" | "finished" | "failed" | "straggler" | "rollback-exhausted",
+    {"version": 1, "state": "running" | "finished" | "stopped" | "failed" | "straggler"
+              | "rollback-exhausted",
      "step": int, "total_steps": int, "tokens": int, "consumed_samples": int,
      "loss": float | null, "grad_norm": float | null, "lr": float,
      "tokens_per_s": float, "eta_seconds": float | null,

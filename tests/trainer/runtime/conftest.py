@@ -28,6 +28,7 @@ from hetmoe_operator.plan import Plan
 
 REPO = Path(__file__).resolve().parents[3]
 PYTHON = sys.executable
+LAUNCH_ENV = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
 
 
 def free_port() -> int:
@@ -41,6 +42,7 @@ def _worker(plan_json: str, rank: int, world: int, port: int, options: dict) -> 
     from hetmoe_trainer.anomaly import Fault
     from hetmoe_trainer.distributed import build_context, pick_device
     from hetmoe_trainer.loop import Trainer, TrainerOptions
+    from hetmoe_trainer.stop import stop_on_signals
 
     code = 1
     try:
@@ -58,7 +60,8 @@ def _worker(plan_json: str, rank: int, world: int, port: int, options: dict) -> 
             ),
         )
         if resave is None:
-            code = trainer.run()
+            with stop_on_signals(trainer.stop):  # as the CLI runs it
+                code = trainer.run()
         else:
             # Load the newest checkpoint under the new plan and save it again elsewhere,
             # so a test can compare the resharded state with the original bit for bit.
@@ -117,32 +120,49 @@ def run_forked(
 def run_torchrun(
     plan: Plan, workdir: Path, *extra: str, max_restarts: int = 0, timeout: float = 400
 ) -> subprocess.CompletedProcess:
-    """``torchrun ... -m hetmoe_trainer`` on one node with a c10d rendezvous."""
+    """The pod's entry point on one node with a c10d rendezvous (see :func:`launch_argv`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     plan_path = workdir / "plan.json"
     plan_path.write_text(plan.to_json())
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
-    cmd = [
+    cmd = launch_argv(
+        plan_path, workdir / "ckpt", *extra, nproc=plan.world_size, max_restarts=max_restarts
+    )
+    return subprocess.run(
+        cmd, env=LAUNCH_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def launch_argv(
+    plan_path: Path,
+    checkpoint_dir: Path,
+    *trainer_args: str,
+    nproc: int = 2,
+    max_restarts: int = 0,
+    agent_args: tuple[str, ...] = (),
+) -> list[str]:
+    """``hetmoe_trainer.launch`` (torchrun keeping the trainer's exit codes, what a pod
+    runs) with ``nproc`` workers on one node."""
+    return [
         PYTHON,
         "-m",
-        "torch.distributed.run",
+        "hetmoe_trainer.launch",
         "--nnodes=1",
-        f"--nproc-per-node={plan.world_size}",
+        f"--nproc-per-node={nproc}",
         "--rdzv-backend=c10d",
         f"--rdzv-endpoint=127.0.0.1:{free_port()}",
         f"--max-restarts={max_restarts}",
         "--monitor-interval=0.5",
+        *agent_args,
         "-m",
         "hetmoe_trainer",
         "--plan",
         str(plan_path),
         "--checkpoint-dir",
-        str(workdir / "ckpt"),
+        str(checkpoint_dir),
         "--peak-tflops",
         "0.1",
-        *extra,
+        *trainer_args,
     ]
-    return subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
 def losses(checkpoint_dir: Path) -> dict[int, float]:

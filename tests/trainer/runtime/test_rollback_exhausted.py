@@ -9,13 +9,12 @@ sample ranges rollbacks skipped.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
 from plan_factory import make_plan
 
-from conftest import PYTHON, REPO, free_port, records
+from conftest import LAUNCH_ENV, REPO, launch_argv, records
 from hetmoe_operator.api.training import AnomalyPolicy
 from hetmoe_operator.plan import WorkerExit
 
@@ -27,29 +26,13 @@ def test_persistent_nan_exhausts_rollbacks_and_exits_87(tmp_path: Path) -> None:
     plan_path = tmp_path / "plan.json"
     plan_path.write_text(plan.to_json())
     ckpt = tmp_path / "ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", TORCH_DISABLE_SHARE_RDZV_TCP_STORE="1")
     result = subprocess.run(
-        [
-            PYTHON,
-            "-m",
-            "hetmoe_trainer.launch",
-            "--nnodes=1",
-            "--nproc-per-node=2",
-            "--rdzv-backend=c10d",
-            f"--rdzv-endpoint=127.0.0.1:{free_port()}",
-            "--max-restarts=0",
-            "--monitor-interval=0.5",
-            "-m",
-            "hetmoe_trainer",
-            "--plan",
-            str(plan_path),
-            "--checkpoint-dir",
-            str(ckpt),
+        launch_argv(
+            plan_path,
+            ckpt,
             "--checkpoint-interval",
             "2",
             "--sync-checkpoint",
-            "--peak-tflops",
-            "0.1",
             "--max-rollbacks",
             "1",
             # Overlapped gradient buckets (off by default on CPU): the NaN must still
@@ -62,8 +45,8 @@ def test_persistent_nan_exhausts_rollbacks_and_exits_87(tmp_path: Path) -> None:
             # rollback can clear.
             "--inject-fault",
             "kind=nan,step=2,rank=1,sticky=1",
-        ],
-        env=env,
+        ),
+        env=LAUNCH_ENV,
         cwd=REPO,
         capture_output=True,
         text=True,
