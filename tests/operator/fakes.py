@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +139,9 @@ class World:
     """A tiny in-memory cluster that applies decisions the way ``kube.apply`` does.
 
     ``drop_status`` simulates an operator killed after its creates and before its
-    status patch; ``kwok`` moves scheduled pods along (bind, Running).
+    status patch; ``kwok`` moves scheduled pods along (bind, Running). With ``linger``
+    a graceful delete only marks a scheduled pod terminating, as a kubelet does while
+    the trainer saves; ``finish_terminating`` lets those pods go.
     """
 
     def __init__(
@@ -165,6 +167,7 @@ class World:
         self.events: list[Any] = []
         self.pod_creates = 0
         self.last_decision: Any = None
+        self.linger = False
 
     def observation(self) -> Any:
         from hetmoe_operator.desired.names import PLAN_GENERATION_ANNOTATION, PLAN_KEY
@@ -237,13 +240,23 @@ class World:
             node_ok = self.nodes.get(pod["spec"].get("nodeName", ""))
             if (
                 delete.grace_seconds == 0
-                or (node_ok and _ready(node_ok))
+                or (node_ok and _ready(node_ok) and not self.linger)
                 or not pod["spec"].get("nodeName")
             ):
                 del self.pods[delete.name]
+            elif self.linger:
+                grace = delete.grace_seconds
+                if grace is None:
+                    grace = pod["spec"]["terminationGracePeriodSeconds"]
+                pod["metadata"]["deletionTimestamp"] = _timestamp(self.now, grace)
             else:
-                pod["metadata"]["deletionTimestamp"] = self.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+                pod["metadata"]["deletionTimestamp"] = _timestamp(self.now, 0)
         return decision
+
+    def finish_terminating(self) -> None:
+        """Terminating pods exit and are removed (their trainers finished saving)."""
+        for name in [n for n, p in self.pods.items() if "deletionTimestamp" in p["metadata"]]:
+            del self.pods[name]
 
     def kwok(self) -> None:
         """Bind pending pods to free nodes of their pool and mark them Running."""
@@ -295,8 +308,6 @@ class World:
             }
 
     def advance(self, seconds: float) -> None:
-        from datetime import timedelta
-
         self.now += timedelta(seconds=seconds)
 
     def settle(self, rounds: int = 12) -> None:
@@ -308,6 +319,10 @@ class World:
 
     def live_pods(self) -> list[str]:
         return sorted(n for n, p in self.pods.items() if "deletionTimestamp" not in p["metadata"])
+
+
+def _timestamp(now: datetime, seconds_later: float) -> str:
+    return (now + timedelta(seconds=seconds_later)).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _ready(node_obj: dict[str, Any]) -> bool:

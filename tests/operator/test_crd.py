@@ -54,6 +54,8 @@ def test_validation_keywords_survive() -> None:
     assert spec["pools"]["items"]["properties"]["name"]["pattern"].startswith("^[a-z0-9]")
     budget = spec["placement"]["properties"]["budgetPerHour"]
     assert (budget["minimum"], budget["exclusiveMinimum"]) == (0, True)
+    grace = spec["checkpoint"]["properties"]["stopGracePeriodSeconds"]
+    assert (grace["type"], grace["minimum"], grace["maximum"]) == ("integer", 5, 86400)
     assert set(schema()["properties"]["spec"]["required"]) == {"model", "training"}
     rules = (
         spec["failureRules"]

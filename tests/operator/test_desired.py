@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
 from hetmoe_operator.api.operator_config import OperatorConfig
 from hetmoe_operator.desired.children import plan_config_map, rendezvous_service
@@ -112,6 +114,7 @@ def test_launches_are_executor_agnostic() -> None:
         plan_generation=1,
         rendezvous_endpoint="127.0.0.1:29400",
         metrics_port=9400,
+        stop_grace_seconds=60,
         plan_path="/tmp/plan.json",
         checkpoint_dir="/tmp/ck",
     )
@@ -119,6 +122,18 @@ def test_launches_are_executor_agnostic() -> None:
     assert "--rdzv-conf=is_host=true" in launches[0].argv
     assert "--rdzv-conf=is_host=false" in launches[1].argv
     assert sum(launch.nproc for launch in launches) == plan().world_size
+
+
+@pytest.mark.parametrize("grace,timeout", [(None, 55), (600, 595), (5, 1)])
+def test_stop_grace_period_bounds_the_pod_and_the_torchrun_agent(
+    grace: int | None, timeout: int
+) -> None:
+    checkpoint = {} if grace is None else {"stopGracePeriodSeconds": grace}
+    for pod in worker_pods(plan(), context(checkpoint=checkpoint)):
+        assert pod["spec"]["terminationGracePeriodSeconds"] == (grace or 60)
+        args = pod["spec"]["containers"][0]["args"]
+        # A torchrun option: before the trainer module, not passed on to the trainer.
+        assert f"--shutdown-timeout={timeout}" in args[: args.index("hetmoe_trainer")]
 
 
 def test_plan_config_map_round_trips_and_service_is_headless() -> None:

@@ -12,7 +12,7 @@ from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.api.status import PHASES
 from hetmoe_operator.kube.metrics import RESTART_CAUSES, OperatorMetrics
 from hetmoe_operator.plan import WorkerExit
-from hetmoe_operator.reconcile.failures import NODE_LOST, Failure, classify
+from hetmoe_operator.reconcile.failures import NODE_LOST, SIGTERM_EXIT, Failure, classify
 
 
 def _samples(metrics: OperatorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -45,11 +45,13 @@ def test_restart_causes_are_exactly_what_the_classifier_returns() -> None:
         WorkerExit.CONFIG_ERROR,
         WorkerExit.REPLACE_NODE,
         WorkerExit.ROLLBACK_EXHAUSTED,
+        WorkerExit.STOPPED,
+        SIGTERM_EXIT,
     ]
     reasons = ["Error", "OOMKilled", NODE_LOST, "Deleted"]
     causes = {
-        classify(Failure("pod", "node", code, reason, ""), rule_set).cause
-        for code, reason in itertools.product(exit_codes, reasons)
+        classify(Failure("pod", "node", code, reason, "", orderly), rule_set).cause
+        for code, reason, orderly in itertools.product(exit_codes, reasons, (False, True))
         for rule_set in ([], *([rule] for rule in rules))
     }
     assert causes == set(RESTART_CAUSES)

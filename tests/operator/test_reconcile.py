@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -11,7 +11,13 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
-from hetmoe_operator.reconcile.failures import RESTART_HOLD_SECONDS, keeps_its_nodes
+from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.reconcile.decide import BROKEN_GANG_GRACE_SECONDS, DELETE_POLL_SECONDS
+from hetmoe_operator.reconcile.failures import (
+    RESTART_HOLD_SECONDS,
+    STUCK_TERMINATING_SECONDS,
+    keeps_its_nodes,
+)
 from hetmoe_operator.reconcile.planning import restart_hold
 from tests.operator.fakes import World, fake_planner, small_nodes, spec
 
@@ -200,6 +206,114 @@ def test_suspend_stops_pods_and_resume_starts_a_new_generation() -> None:
     assert world.status.restarts == 0
 
 
+def test_suspend_gives_workers_their_own_grace_to_save_a_checkpoint() -> None:
+    world = running_world()
+    world.spec = spec(suspend=True)
+    world.metadata_generation = 2
+    decision = world.reconcile()
+    assert sorted((d.name, d.grace_seconds) for d in decision.deletes) == [
+        ("job-g1-pool-a-0", None),
+        ("job-g1-pool-d-0", None),
+    ]
+
+
+def test_a_broken_gang_is_stopped_with_a_short_grace() -> None:
+    world = running_world(elastic={"maxRestarts": 3, "backoffSeconds": 0})
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    decision = world.reconcile()
+    deletes = {d.name: d.grace_seconds for d in decision.deletes}
+    assert deletes == {
+        "job-g1-pool-a-0": BROKEN_GANG_GRACE_SECONDS,
+        "job-g1-pool-d-0": BROKEN_GANG_GRACE_SECONDS,
+    }
+
+
+def test_a_gang_stopping_in_order_keeps_its_grace_to_save() -> None:
+    stopped = running_world()
+    stopped.fail_pod("job-g1-pool-a-0", exit_code=88)
+    decision = stopped.reconcile()
+    assert {d.name: d.grace_seconds for d in decision.deletes}["job-g1-pool-d-0"] is None
+    drained = running_world()
+    drained.pods["job-g1-pool-a-0"]["metadata"]["deletionTimestamp"] = "2026-01-01T13:00:00Z"
+    decision = drained.reconcile()
+    assert drained.status.phase == "Restarting"
+    assert [(d.name, d.grace_seconds) for d in decision.deletes] == [("job-g1-pool-d-0", None)]
+
+
+def test_resume_waits_for_the_suspended_workers_to_finish_saving() -> None:
+    world = running_world()
+    world.linger = True
+    world.spec = spec(suspend=True)
+    world.metadata_generation = 2
+    world.settle(2)
+    assert world.status.phase == "Suspended" and len(world.pods) == 2
+    world.spec = spec(suspend=False)
+    world.metadata_generation = 3
+    for _ in range(3):
+        decision = world.reconcile()
+        assert not [m for m in decision.creates if m["kind"] == "Pod"]
+        assert decision.requeue_after == DELETE_POLL_SECONDS
+        world.advance(1)
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert (ready.reason, world.status.generation) == ("WorkersStopping", 1)
+    assert "generation 1" in ready.message
+    world.finish_terminating()
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+
+
+def test_resume_force_deletes_workers_stuck_terminating_and_goes_on() -> None:
+    world = running_world()
+    world.linger = True
+    world.spec = spec(suspend=True)
+    world.metadata_generation = 2
+    world.reconcile()
+    world.spec = spec(suspend=False)
+    world.metadata_generation = 3
+    world.reconcile()
+    assert world.status.generation == 1
+    world.advance(60 + STUCK_TERMINATING_SECONDS + 1)  # the pods' grace, then stuck
+    decision = world.reconcile()
+    assert sorted((d.name, d.grace_seconds) for d in decision.deletes) == [
+        ("job-g1-pool-a-0", 0),
+        ("job-g1-pool-d-0", 0),
+    ]
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+
+
+def test_a_restart_after_an_orderly_stop_waits_for_the_old_workers_to_save() -> None:
+    world = running_world(elastic={"maxRestarts": 3, "backoffSeconds": 0})
+    world.linger = True
+    world.fail_pod("job-g1-pool-a-0", exit_code=WorkerExit.STOPPED)
+    for _ in range(2):
+        decision = world.reconcile()
+        assert not [m for m in decision.creates if m["kind"] == "Pod"]
+        world.advance(1)
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert ready.reason == "WorkersStopping"
+    world.finish_terminating()
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+
+
+def test_a_restart_after_a_resume_does_not_wait_for_the_old_workers() -> None:
+    world = running_world(elastic={"maxRestarts": 3, "backoffSeconds": 0})
+    world.spec = spec(elastic={"maxRestarts": 3, "backoffSeconds": 0}, suspend=True)
+    world.metadata_generation = 2
+    world.settle(2)
+    world.spec = spec(elastic={"maxRestarts": 3, "backoffSeconds": 0})
+    world.metadata_generation = 3
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    world.linger = True
+    world.fail_pod("job-g2-pool-a-0", exit_code=1)
+    world.reconcile()
+    assert world.status.generation == 3
+    assert "job-g2-pool-d-0" in world.pods, "the old worker is still terminating"
+    assert world.live_pods() == ["job-g3-pool-a-0", "job-g3-pool-d-0"]
+
+
 def test_success_when_every_worker_exits_zero() -> None:
     world = running_world()
     world.succeed_all()
@@ -265,7 +379,7 @@ def test_operator_killed_after_failure_status_deletes_survivors_once() -> None:
 
 EVENTS = st.lists(
     st.one_of(
-        st.tuples(st.just("fail"), st.sampled_from([1, 2, 78, 86, 87, 137])),
+        st.tuples(st.just("fail"), st.sampled_from([1, 2, 78, 86, 87, 88, 137, 143])),
         st.tuples(st.just("node-down"), st.sampled_from(["a0", "a1", "d0", "d1"])),
         st.tuples(st.just("node-up"), st.sampled_from(["a0", "a1", "d0", "d1"])),
         st.tuples(st.just("crash"), st.none()),
@@ -329,13 +443,72 @@ def test_random_histories_keep_the_invariants(events: list[tuple[str, Any]]) -> 
 
 @pytest.mark.parametrize(
     "exit_code,cause",
-    [(78, "ConfigError"), (87, "RollbackExhausted"), (86, "ReplaceNode"), (1, "WorkerFailed")],
+    [
+        (78, "ConfigError"),
+        (87, "RollbackExhausted"),
+        (86, "ReplaceNode"),
+        (1, "WorkerFailed"),
+    ],
 )
 def test_default_exit_code_contract(exit_code: int, cause: str) -> None:
     from hetmoe_operator.reconcile.failures import Failure, classify
 
     verdict = classify(Failure("p", "n", exit_code, "Error", ""), [])
     assert verdict.cause == cause
+
+
+def test_stops_from_outside_are_orderly_other_failures_are_not() -> None:
+    from hetmoe_operator.reconcile.failures import detect
+    from hetmoe_operator.reconcile.observe import PodObs
+
+    deleted = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def pod(name: str, phase: str, exit_code: int | None = None, deleting: bool = False) -> PodObs:
+        return PodObs(
+            name,
+            generation=1,
+            pool="pool-a",
+            node_slot=0,
+            phase=phase,
+            node="n",
+            exit_code=exit_code,
+            deletion_deadline=deleted if deleting else None,
+        )
+
+    pods = [
+        pod("stopped", "Failed", 88),
+        pod("signalled", "Failed", 143),
+        pod("crashed", "Failed", 1),
+        pod("drained", "Running", deleting=True),
+        pod("unstarted", "Pending", deleting=True),
+    ]
+    found = detect(pods, [*(p.name for p in pods), "vanished"], {"n": True})
+    assert {f.pod: f.orderly for f in found} == {
+        "stopped": True,
+        "signalled": True,
+        "crashed": False,
+        "drained": True,
+        "unstarted": False,
+        "vanished": False,
+    }
+
+
+@pytest.mark.parametrize("exit_code", [88, 143])
+def test_a_stopped_worker_restarts_without_using_up_a_restart(exit_code: int) -> None:
+    world = running_world(elastic={"maxRestarts": 0, "backoffSeconds": 0})
+    world.fail_pod("job-g1-pool-a-0", exit_code=exit_code)
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert (world.status.restarts, world.status.uncounted_restarts) == (0, 1)
+
+
+def test_a_failure_rule_for_143_wins_over_the_default() -> None:
+    from hetmoe_operator.api.job import FailureRule
+    from hetmoe_operator.reconcile.failures import Failure, classify
+
+    rule = FailureRule(name="sigterm", exit_codes=[143], action="fail")
+    verdict = classify(Failure("p", "n", 143, "Error", "", orderly=True), [rule])
+    assert (verdict.action, verdict.cause) == ("fail", "FailureRuleFail")
 
 
 def test_replanning_hands_the_planner_the_plan_the_job_ran_with() -> None:

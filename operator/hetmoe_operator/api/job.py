@@ -176,7 +176,7 @@ class CheckpointVolume(ApiModel):
 
 
 class CheckpointSpec(ApiModel):
-    """How often to save and how many to keep."""
+    """How often to save, how many to keep, and how long a stopped worker has to save."""
 
     volume: CheckpointVolume = CheckpointVolume(empty_dir=True)
     """Storage for checkpoints."""
@@ -184,6 +184,10 @@ class CheckpointSpec(ApiModel):
     """Save every N optimizer steps."""
     keep: int = Field(default=3, ge=1, le=1000)
     """Checkpoints kept; older ones are pruned only by the trainer, never by deletion of the job."""
+    stop_grace_period_seconds: int = Field(default=60, ge=5, le=86400)
+    """Seconds a worker gets after SIGTERM (suspend, node drain, eviction, preemption) to
+    finish its current step and save a checkpoint before it is killed; large models need
+    minutes to save. A broken gang (a worker failed) is stopped with a few seconds instead."""
 
 
 class ResourceOverrides(ApiModel):
@@ -226,7 +230,7 @@ class MoEJobSpec(ApiModel):
     elastic: ElasticSpec = ElasticSpec()
     """Fault tolerance and elasticity."""
     checkpoint: CheckpointSpec = CheckpointSpec()
-    """Checkpoint storage and cadence."""
+    """Checkpoint storage and cadence, and how long a stopped worker has to save."""
     image: str = Field(default=DEFAULT_IMAGE, min_length=1, max_length=512)
     """Trainer container image."""
     resources: ResourceOverrides = ResourceOverrides()

@@ -42,6 +42,9 @@ REASONS: Final = MappingProxyType(
         # Running.
         "WorkersCreating": "Worker pods of the current generation are being created or scheduled.",
         "WorkersRunning": "Every worker pod of the current generation is Running.",
+        "WorkersStopping": "Workers of the previous generation are still stopping (saving a "
+        "checkpoint) after a suspend or an orderly stop; the next generation starts when "
+        "they are gone.",
         "ChildCreateFailed": "The API server refused to create a child object; retried.",
         "PodGroupUnavailable": "scheduling.gang is coscheduling but the scheduler-plugins "
         "PodGroup CRD is not installed; no pods are created until it is.",
@@ -56,6 +59,10 @@ REASONS: Final = MappingProxyType(
         "FailureRuleFail": "A failure rule with action fail matched.",
         "ConfigError": "A worker exited with 78: the plan or settings are invalid.",
         "RollbackExhausted": "A worker exited with 87: anomalies persisted across rollbacks.",
+        "WorkerStopped": "A running worker was stopped from outside (deleted, drained, "
+        "evicted or preempted; or it exited 88 or 143): its trainers save a checkpoint at the "
+        "end of their step before exiting, and the restart does not count towards "
+        "elastic.maxRestarts.",
         "BelowMinNodes": "Fewer usable nodes than elastic.minNodes and none can come back.",
         # Lifecycle.
         "SuspendedByUser": "spec.suspend is true: pods are stopped, checkpoints are kept.",

@@ -44,8 +44,14 @@ PLAN_DIR = "/etc/hetmoe"
 PLAN_PATH = f"{PLAN_DIR}/{PLAN_KEY}"
 CHECKPOINT_DIR = "/checkpoints"
 CONTAINER_NAME = "trainer"
-TERMINATION_GRACE_SECONDS = 60
-"""Time the trainer gets on SIGTERM (suspend, restart) to finish an in-flight save."""
+AGENT_SHUTDOWN_MARGIN_SECONDS = 5
+"""How much sooner than the kubelet the torchrun agent gives up on its workers.
+
+On SIGTERM the agent forwards the signal to its trainers and SIGKILLs them after
+``--shutdown-timeout`` (torch's default is 30 s, whatever the pod's grace period). Set
+just under the pod's grace, the trainers get nearly all of it to finish their step and
+save a checkpoint, and the agent still has a moment to report their exit codes before
+the kubelet kills the whole container."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,11 @@ class WorkerLaunch:
     env: Mapping[str, str]
 
 
+def agent_shutdown_timeout(stop_grace_seconds: int) -> int:
+    """torchrun's ``--shutdown-timeout`` for a pod with this grace period (see the margin)."""
+    return max(1, stop_grace_seconds - AGENT_SHUTDOWN_MARGIN_SECONDS)
+
+
 def rendezvous_host(job: JobRef, generation: int) -> str:
     """DNS name of node 0's pod through the headless Service."""
     return f"{pod_hostname(generation, 0)}.{service_name(job.name)}.{job.namespace}.svc"
@@ -78,6 +89,7 @@ def worker_launches(
     plan_generation: int,
     rendezvous_endpoint: str,
     metrics_port: int,
+    stop_grace_seconds: int,
     plan_path: str = PLAN_PATH,
     checkpoint_dir: str = CHECKPOINT_DIR,
     checkpoint_interval: int = 100,
@@ -88,7 +100,8 @@ def worker_launches(
     Identity comes from ``HETMOE_POOL``/``HETMOE_NODE_SLOT`` plus torchrun's
     ``LOCAL_RANK``; the trainer looks up its plan rank (stage, layers, experts) with
     ``Plan.rank_at``. ``--rdzv-conf is_host`` tells node 0 to host the store, which
-    avoids torchrun guessing from hostnames.
+    avoids torchrun guessing from hostnames. ``stop_grace_seconds`` is the pod's
+    termination grace period, which bounds ``--shutdown-timeout``.
     """
     nodes = plan.nodes()
     grades = {(r.pool, r.node_slot): r.grade for r in plan.ranks}
@@ -106,6 +119,7 @@ def worker_launches(
             f"--rdzv-id={job_name}-g{generation}",
             f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
             "--max-restarts=0",
+            f"--shutdown-timeout={agent_shutdown_timeout(stop_grace_seconds)}",
             "-m",
             "hetmoe_trainer",
             "--plan",
@@ -175,6 +189,7 @@ def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
         plan_generation=ctx.plan_generation,
         rendezvous_endpoint=endpoint,
         metrics_port=ctx.ports.metrics,
+        stop_grace_seconds=ctx.spec.checkpoint.stop_grace_period_seconds,
         checkpoint_interval=ctx.spec.checkpoint.interval_steps,
         keep_checkpoints=ctx.spec.checkpoint.keep,
     )
@@ -209,7 +224,7 @@ def _pod(launch: WorkerLaunch, ctx: PodContext, total: int) -> dict[str, Any]:
         "subdomain": job.name,
         "enableServiceLinks": False,
         "automountServiceAccountToken": False,
-        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "terminationGracePeriodSeconds": spec.checkpoint.stop_grace_period_seconds,
         "affinity": _affinity(launch.pool, ctx),
         "tolerations": [t.manifest() for t in ctx.tolerations],
         "containers": [

@@ -18,6 +18,7 @@ from hetmoe_operator.api.status import PHASES
 RESTART_CAUSES: Final = (
     "WorkerFailed",
     "NodeLost",
+    "WorkerStopped",
     "ReplaceNode",
     "FailureRuleFail",
     "ConfigError",

@@ -42,6 +42,16 @@ from hetmoe_operator.reconcile.planning import (
 
 DELETE_POLL_SECONDS = 1.0
 """Re-check soon while old pods are terminating (pod events usually come first)."""
+BROKEN_GANG_GRACE_SECONDS = 5
+"""Grace period of a pod stopped without a checkpoint to save: old generations, a gang
+broken by a failure, a failed job, an invalid spec.
+
+Only a healthy gang can save (every rank agrees to stop after the same step), so only
+suspend and a gang stopping in order get the pod's own grace
+(``checkpoint.stopGracePeriodSeconds``). Elsewhere survivors may be blocked in a
+collective with a dead peer until they are killed, and the scheduler keeps a
+terminating pod's node booked all that time: a full grace period would hold the nodes
+the next generation needs."""
 REOPENABLE_REASONS = frozenset({"PlanInfeasible", "InvalidSpec"})
 """Failed for these reasons, the job is reconsidered when its spec changes."""
 
@@ -134,8 +144,11 @@ class _Pass:
             seconds if self.requeue_after is None else min(self.requeue_after, seconds)
         )
 
-    def stop(self, pods: Sequence[PodObs]) -> None:
-        """Delete pods; pods that would never terminate on their own are forced."""
+    def stop(self, pods: Sequence[PodObs], *, save: bool = False) -> None:
+        """Delete pods; pods that would never terminate on their own are forced.
+
+        With ``save`` a pod keeps its own grace period to save a checkpoint, otherwise it
+        gets :data:`BROKEN_GANG_GRACE_SECONDS`. The first deletion of a pod decides."""
         stopping = {d.name for d in self.deletes}
         for pod in pods:
             if pod.name in stopping:
@@ -144,7 +157,7 @@ class _Pass:
             if force:
                 self.deletes.append(Delete(pod.name, 0))
             elif not pod.deleting:
-                self.deletes.append(Delete(pod.name))
+                self.deletes.append(Delete(pod.name, None if save else BROKEN_GANG_GRACE_SECONDS))
         if pods:
             self.requeue(DELETE_POLL_SECONDS)
 
@@ -215,7 +228,7 @@ def _suspend(run: _Pass) -> None:
     run.cond("Suspended", "True", "SuspendedByUser", "spec.suspend is true; checkpoints are kept")
     run.cond("Ready", "False", "SuspendedByUser", "workers stopped")
     run.phase("Suspended", "SuspendedByUser", "workers stopped; checkpoints kept")
-    run.stop(list(run.obs.pods))
+    run.stop(list(run.obs.pods), save=True)
 
 
 def _generation_active(run: _Pass) -> bool:
@@ -381,7 +394,7 @@ def _handle_failure(
         f"{text}; restarting from the latest checkpoint in {delay:.0f}s",
     )
     run.phase("Restarting", verdict.cause, f"{text}; backoff {delay:.0f}s", warning=True)
-    run.stop(current)
+    run.stop(current, save=failure.orderly)
     if delay > 0:
         run.requeue(delay)
         return
@@ -400,14 +413,31 @@ def _fail(run: _Pass, reason: str, message: str) -> None:
 def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
     """Nothing running: stop old pods, wait out the backoff, keep or make a plan, launch.
 
-    The next generation does not wait for the old pods to be gone: they are deleted in
-    the same pass, and the scheduler keeps devices of a terminating pod booked until
-    it is gone, so new workers can never share a device with old ones. Not waiting
-    takes a kubelet (or kwok) round trip per restart off the recovery time, and a pod
-    stuck terminating never holds up the job.
+    A restart does not wait for the old pods to be gone: they are deleted in the same
+    pass, and the scheduler keeps devices of a terminating pod booked until it is gone,
+    so new workers can never share a device with old ones. Not waiting takes a kubelet
+    (or kwok) round trip per restart off the recovery time, and a pod stuck
+    terminating never holds up the job (it is force-deleted after its deadline).
+
+    A resume, and a restart after an orderly stop (a drain, an eviction), do wait: the
+    old workers may still be saving their checkpoint, and the next generation must
+    resume from it, not from the one before.
     """
     obs = run.obs
-    run.stop([p for p in obs.pods if p.generation <= run.status.generation])
+    old = [p for p in obs.pods if p.generation <= run.status.generation]
+    saving = _resuming(run) or _after_orderly_stop(run)
+    run.stop(old, save=saving)
+    stopping = _live(old) if saving else []
+    if stopping:
+        run.cond(
+            "Ready",
+            "False",
+            "WorkersStopping",
+            f"workers of generation {max(p.generation for p in stopping)} are still stopping "
+            "(saving a checkpoint); the next generation starts when they are gone",
+        )
+        run.requeue(DELETE_POLL_SECONDS)
+        return
     if run.status.restart_after:
         after = parse_time(run.status.restart_after)
         wait = (after - obs.now).total_seconds() if after else 0.0
@@ -454,6 +484,28 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
             )
         )
     _launch(run, spec, plan, plan_generation, run.status.generation + 1, planned=not reused)
+
+
+def _resuming(run: _Pass) -> bool:
+    """Whether the job is back from a suspend and has launched nothing since: resuming
+    sets Pending and Suspended=False Resumed, and the next launch leaves Pending."""
+    suspended = condition(run.status.conditions, "Suspended")
+    return (
+        run.status.phase == "Pending"
+        and suspended is not None
+        and (suspended.status, suspended.reason) == ("False", "Resumed")
+    )
+
+
+def _after_orderly_stop(run: _Pass) -> bool:
+    """Whether the current generation ended in an orderly stop (``failures.detect``)
+    that the default rules turned into a restart."""
+    failure = run.status.last_failure
+    return (
+        failure is not None
+        and failure.generation == run.status.generation
+        and failure.cause == failures.WORKER_STOPPED
+    )
 
 
 def _wait(run: _Pass, reason: str, message: str) -> None:

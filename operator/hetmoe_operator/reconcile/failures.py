@@ -4,7 +4,9 @@ User failure rules are evaluated first (first match wins), then the built-in
 defaults that encode the trainer's exit-code contract (``plan.WorkerExit``):
 78 config error -> fail, 87 rollback exhausted -> fail, 86 replace node ->
 re-plan without the node; a lost node restarts without using up a restart (the
-job did nothing wrong); anything else restarts and counts.
+job did nothing wrong); so does a worker stopped from outside, 88 from the trainer
+or 143 (128 + SIGTERM) from its torchrun agent (a drain, an eviction, a preemption:
+it saved a checkpoint on the way out); anything else restarts and counts.
 """
 
 from __future__ import annotations
@@ -19,6 +21,12 @@ from hetmoe_operator.plan import WorkerExit
 from hetmoe_operator.reconcile.observe import PodObs, parse_time
 
 NODE_LOST = "NodeLost"
+DELETED = "Deleted"
+SIGTERM_EXIT = 143
+"""A torchrun agent that was itself SIGTERMed exits as a shell would: 128 + 15."""
+STOPPED_EXITS = frozenset({WorkerExit.STOPPED, SIGTERM_EXIT})
+"""Exit codes of a worker stopped from outside, which restart without being counted."""
+WORKER_STOPPED = "WorkerStopped"
 STUCK_TERMINATING_SECONDS = 30.0
 """A pod still present this long after its deletion deadline is force-deleted."""
 NOT_READY_GRACE_SECONDS = 20.0
@@ -50,6 +58,9 @@ class Failure:
     exit_code: int | None
     reason: str
     message: str
+    orderly: bool = False
+    """Stopped from outside, with the rest of the gang stopping in order (see
+    :func:`detect`): every rank saves a checkpoint after the same step on the way out."""
 
 
 @dataclass(frozen=True)
@@ -69,24 +80,44 @@ def detect(
 
     A failed container (with its exit code) beats a lost node, which beats a pod that
     vanished or is being deleted by someone else.
+
+    Orderly: a worker that exited 88 or 143, or a running pod someone else is deleting
+    (a drain, an eviction, a preemption, ``kubectl delete``: its trainers got SIGTERM
+    and, agreeing with the other ranks, save a checkpoint at the end of their step). A
+    pod that vanished outright, or any other failure, may leave the survivors blocked
+    on a dead peer.
     """
     by_name = {p.name: p for p in pods}
     exits, lost, gone = [], [], []
     for pod in pods:
         if pod.phase == "Failed":
             exits.append(
-                Failure(pod.name, pod.node, pod.exit_code, pod.reason or "Error", pod.message)
+                Failure(
+                    pod.name,
+                    pod.node,
+                    pod.exit_code,
+                    pod.reason or "Error",
+                    pod.message,
+                    orderly=pod.exit_code in STOPPED_EXITS,
+                )
             )
         elif pod.node and pod.phase != "Succeeded" and not nodes.get(pod.node, False):
             state = "was deleted" if pod.node not in nodes else "is NotReady"
             lost.append(Failure(pod.name, pod.node, None, NODE_LOST, f"node {pod.node} {state}"))
         elif pod.deleting and pod.phase != "Succeeded":
             gone.append(
-                Failure(pod.name, pod.node, None, "Deleted", "the pod was deleted while running")
+                Failure(
+                    pod.name,
+                    pod.node,
+                    None,
+                    DELETED,
+                    f"the pod was deleted while {pod.phase.lower()}",
+                    orderly=pod.phase == "Running",
+                )
             )
     for name in expected:
         if name not in by_name:
-            gone.append(Failure(name, "", None, "Deleted", "the pod disappeared"))
+            gone.append(Failure(name, "", None, DELETED, "the pod disappeared"))
     return exits + lost + gone
 
 
@@ -108,6 +139,8 @@ def classify(failure: Failure, rules: Sequence[FailureRule]) -> Verdict:
         return Verdict("replace-node", True, "ReplaceNode")
     if failure.reason == NODE_LOST:
         return Verdict("restart", False, NODE_LOST)
+    if failure.orderly:
+        return Verdict("restart", False, WORKER_STOPPED)
     return Verdict("restart", True, "WorkerFailed")
 
 

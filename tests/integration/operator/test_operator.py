@@ -7,6 +7,7 @@ production; the real planner makes every plan.
 from __future__ import annotations
 
 import subprocess
+import time
 from typing import Any
 
 import pytest
@@ -29,6 +30,8 @@ from tests.integration.operator.conftest import (
 )
 
 pytestmark = pytest.mark.integration
+
+HOLD = "test.hetmoe.io/hold"
 
 
 def running_job(kube_api: ApiClient, namespace: str, name: str, **spec: Any) -> dict[str, Any]:
@@ -154,6 +157,49 @@ def test_suspend_stops_workers_and_resume_continues(
     status = wait_phase(kube_api, namespace, "pausable", "Running", timeout=90, generation=2)
     assert status["restarts"] == 0
     delete_job(kube_api, namespace, "pausable")
+
+
+def test_a_worker_deleted_from_outside_restarts_uncounted_once_the_old_workers_are_gone(
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str
+) -> None:
+    """A drain or ``kubectl delete pod``: the trainers save on SIGTERM, so the restart is
+    not the job's fault, and the next generation must wait for that save."""
+    running_job(
+        kube_api,
+        namespace,
+        "drained",
+        checkpoint={
+            "volume": {"hostPath": "/var/lib/hetmoe/checkpoints"},
+            "stopGracePeriodSeconds": 45,
+        },
+    )
+    pods = current_pods(kube_api, namespace, "drained", 1)
+    for pod in pods:
+        assert pod["spec"]["terminationGracePeriodSeconds"] == 45
+        assert "--shutdown-timeout=40" in pod["spec"]["containers"][0]["args"]
+    victim = pods[0]["metadata"]["name"]
+    core = CoreV1Api(kube_api)
+    # kwok removes a deleted pod at once; a kubelet keeps it while the trainer saves.
+    # A finalizer of the test's own holds it in Terminating, Running, the same way.
+    core.patch_namespaced_pod(victim, namespace, {"metadata": {"finalizers": [HOLD]}})
+    core.delete_namespaced_pod(victim, namespace)
+    try:
+
+        def stopping() -> dict[str, Any] | None:
+            status = get_job(kube_api, namespace, "drained").get("status", {})
+            ready = next((c for c in status.get("conditions", []) if c["type"] == "Ready"), {})
+            return status if ready.get("reason") == "WorkersStopping" else None
+
+        status = eventually(stopping, 60, "Ready=False WorkersStopping")
+        assert status["lastFailure"]["cause"] == "WorkerStopped"
+        assert status["lastFailure"]["pod"] == victim
+        time.sleep(2)  # a few passes: nothing of generation 2 while the old worker saves
+        assert not current_pods(kube_api, namespace, "drained", 2)
+    finally:
+        core.patch_namespaced_pod(victim, namespace, {"metadata": {"finalizers": None}})
+    status = wait_phase(kube_api, namespace, "drained", "Running", timeout=90, generation=2)
+    assert (status["restarts"], status["uncountedRestarts"]) == (0, 1)
+    delete_job(kube_api, namespace, "drained")
 
 
 def test_delete_garbage_collects_children_but_not_the_checkpoint_claim(
