@@ -72,8 +72,6 @@ def test_a_trainer_option_the_plan_cannot_run_exits_78_without_a_traceback(
 ) -> None:
     plan = make_plan(pp=2, split_backward=True, steps=2)
     result = run_torchrun(plan, tmp_path, "--compile", timeout=300)
-    assert result.returncode != 0
-    assert f"exitcode  : {WorkerExit.CONFIG_ERROR}" in result.stderr
+    assert result.returncode == WorkerExit.CONFIG_ERROR, result.stderr[-3000:]
     assert "configuration error: regional torch.compile cannot run" in result.stderr
-    # torchrun reports a failed worker with a traceback of its own; the workers print none.
-    assert result.stderr.count("Traceback") == 1 and "ChildFailedError" in result.stderr
+    assert "Traceback" not in result.stderr
