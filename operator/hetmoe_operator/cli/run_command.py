@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     interrupted = False
     try:
         with Display() as display:
-            supervisor.run(lambda s: display.update(s.view()))
+            supervisor.run(lambda s: display.update(s.view()), on_stop=_announce_stop)
     except KeyboardInterrupt:
         interrupted = True
     view = supervisor.view()
@@ -164,9 +164,11 @@ def run(args: argparse.Namespace) -> int:
     if plot:
         print(f"plot: {plot}")
     if interrupted:
+        saved = latest_checkpoint(supervisor.checkpoint_dir)
         print(
-            "hetmoe: stopped; every worker is gone and the checkpoints are kept: "
-            "run the same command again to resume",
+            "hetmoe: stopped; every worker is gone and the checkpoints are kept"
+            + (f" (latest: {saved})" if saved else "")
+            + ": run the same command again to resume",
             file=sys.stderr,
         )
         return 130
@@ -175,6 +177,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"hetmoe: worker logs are in {run_dir / 'logs'}", file=sys.stderr)
         return 1
     return 0
+
+
+def _announce_stop() -> None:
+    print(
+        "hetmoe: stopping: the workers finish their step and save a checkpoint "
+        "(Ctrl-C again to stop them now)",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def _failure(supervisor: Supervisor) -> str:

@@ -51,6 +51,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
@@ -520,9 +521,12 @@ class LocalExecutor:
             states.append(PodState(name, phase, exit_code, reason))
         return states
 
-    def delete(self, grace_seconds: Mapping[str, float]) -> None:
+    def delete(
+        self, grace_seconds: Mapping[str, float], *, kill_now: threading.Event | None = None
+    ) -> None:
         """Stop the named pods and forget them: SIGTERM to each whole group, then
-        SIGKILL once its grace period is over (0 kills at once), as a kubelet does."""
+        SIGKILL once its grace period is over (0 kills at once), as a kubelet does,
+        or as soon as ``kill_now`` is set (a second Ctrl-C)."""
         entries = [
             (self._running.pop(name), grace)
             for name, grace in grace_seconds.items()
@@ -532,14 +536,18 @@ class LocalExecutor:
             _signal_group(entry.process.pid, signal.SIGTERM if grace > 0 else signal.SIGKILL)
         signalled = time.monotonic()
         for entry, grace in entries:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                entry.process.wait(timeout=max(0.0, signalled + grace - time.monotonic()))
+            deadline = signalled + grace
+            while entry.process.poll() is None and time.monotonic() < deadline:
+                if kill_now is not None and kill_now.is_set():
+                    break
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    entry.process.wait(timeout=min(0.1, max(0.0, deadline - time.monotonic())))
             _signal_group(entry.process.pid, signal.SIGKILL)
             entry.process.wait()
             _wait_group_gone(entry.process.pid, timeout=KILL_WAIT_SECONDS)
 
     def delete_all(self) -> None:
-        """Stop every pod with the default grace period: the end of a run, or Ctrl-C."""
+        """Stop every pod with the default grace period."""
         self.delete(dict.fromkeys(self._running, self.grace_seconds))
 
 

@@ -353,17 +353,21 @@ class Supervisor:
         check_fits_machine(outcome.plan)
         return outcome.plan
 
-    def run(self, on_tick: Callable[[Supervisor], None]) -> MoEJobStatus:
+    def run(
+        self, on_tick: Callable[[Supervisor], None], on_stop: Callable[[], None] = lambda: None
+    ) -> MoEJobStatus:
         """Reconcile until the job is Succeeded or Failed; every process is gone after.
 
         SIGINT (Ctrl-C) and SIGTERM only set a flag that the loop checks between
         passes, so a decision is never half-applied (no pod started but unrecorded);
-        the loop then stops every pod and raises KeyboardInterrupt.
+        the loop then calls ``on_stop``, stops every pod as a kubelet would (SIGTERM,
+        then the pod's grace period, in which the trainers finish their step and save
+        a checkpoint) and raises KeyboardInterrupt. A second signal kills them at once.
         """
-        stop = threading.Event()
+        stop, kill_now = threading.Event(), threading.Event()
 
         def request_stop(_signum: int, _frame: FrameType | None) -> None:
-            stop.set()
+            (kill_now if stop.is_set() else stop).set()
 
         previous = {sig: signal.signal(sig, request_stop) for sig in STOP_SIGNALS}
         environment = self.environment()
@@ -378,6 +382,11 @@ class Supervisor:
                 stop.wait(POLL_SECONDS if wait is None else min(max(wait, 0.05), POLL_SECONDS))
             raise KeyboardInterrupt
         finally:
-            self.executor.delete_all()
+            if stop.is_set() and self.executor.pods():
+                on_stop()
+            running = [pod.name for pod in self.executor.pods()]
+            self.executor.delete(
+                {name: self._grace_seconds(name) for name in running}, kill_now=kill_now
+            )
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
