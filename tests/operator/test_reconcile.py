@@ -579,6 +579,11 @@ def test_scale_up_grows_a_running_job_once_capacity_returns_after_the_window() -
     assert restarting.reason == "ScaledUp" and "2 -> 3 nodes" in restarting.message
     assert any(e.reason == "ScaledUp" for e in decision.events)
     assert world.status.restarts == 0 and world.status.uncounted_restarts == 0
+    # A healthy gang: its workers keep their grace period to save a checkpoint.
+    assert sorted((d.name, d.grace_seconds) for d in decision.deletes) == [
+        ("job-g1-pool-a-0", None),
+        ("job-g1-pool-d-0", None),
+    ]
     world.settle(3)
     assert world.status.phase == "Running" and world.status.plan_generation == 2
     assert len(world.live_pods()) == 3 and all("-g2-" in n for n in world.live_pods())

@@ -338,7 +338,15 @@ def _maybe_scale_up(run: _Pass, spec: MoEJobSpec) -> None:
     run.phase("Restarting", "ScaledUp", message)
     plan_generation = run.status.plan_generation + 1
     run.creates.append(plan_config_map(obs.job, outcome.plan, plan_generation))
-    _launch(run, spec, outcome.plan, plan_generation, run.status.generation + 1, planned=True)
+    _launch(
+        run,
+        spec,
+        outcome.plan,
+        plan_generation,
+        run.status.generation + 1,
+        planned=True,
+        save_old=True,
+    )
 
 
 def _handle_failure(
@@ -523,8 +531,14 @@ def _launch(
     generation: int,
     *,
     planned: bool = False,
+    save_old: bool = False,
 ) -> None:
-    """Create (the missing) pods of ``generation`` and record it in status."""
+    """Create (the missing) pods of ``generation`` and record it in status.
+
+    ``save_old``: the older generation is a healthy gang (a scale-up), so its pods keep
+    their grace period to save a checkpoint. The new pods that land on its nodes stay
+    Pending until it is gone, and the new gang cannot rendezvous before they start, so
+    it resumes from that save."""
     obs = run.obs
     run.update(plan_generation=plan_generation)
     existing = {p.name for p in obs.pods}
@@ -536,7 +550,7 @@ def _launch(
             previous = pod_group_name(obs.job.name, generation - 1)
             run.deletes.append(Delete(previous, kind="PodGroup"))
     run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
-    run.stop([p for p in obs.pods if p.generation < generation])
+    run.stop([p for p in obs.pods if p.generation < generation], save=save_old)
     name = plan_config_map_name(obs.job.name)
     summary = f"{grades_column(plan)}: {plan.world_size} ranks on {len(pods)} nodes"
     if planned:
