@@ -437,6 +437,9 @@ class WorkerExit:
     """This rank's device is persistently slow or faulty: re-plan without its node."""
     ROLLBACK_EXHAUSTED = 87
     """Repeated anomalies persisted across rollbacks: needs a human."""
+    HUNG = 89
+    """No step finished within the hang timeout (a collective or a kernel never
+    returned): restart from the latest checkpoint (``hetmoe_trainer.watchdog``)."""
     STOPPED = 88
     """Asked to stop (SIGTERM or SIGINT): finished its step, saved a checkpoint, exited.
 

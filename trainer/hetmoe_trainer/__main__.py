@@ -110,6 +110,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--grad-bucket-mb", type=float, default=25.0, help="gradient all-reduce bucket size, MiB"
     )
     parser.add_argument(
+        "--hang-timeout",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="exit with 89 (hung) when a step takes longer than this; 0 = no watchdog",
+    )
+    parser.add_argument(
         "--compile",
         action="store_true",
         help="regional torch.compile of each layer's attention half and dense/shared FFN "
@@ -196,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         overlap_grad_sync={"auto": None, "on": True, "off": False}[args.grad_overlap],
         grad_bucket_bytes=max(1, int(args.grad_bucket_mb * (1 << 20))),
         compile=args.compile,
+        hang_timeout_s=args.hang_timeout,
     )
     try:
         trainer = Trainer(context, options)

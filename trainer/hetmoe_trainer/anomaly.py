@@ -25,6 +25,7 @@ import math
 import os
 import signal
 import statistics
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -226,7 +227,7 @@ class StragglerMonitor:
         return None
 
 
-FaultKind = Literal["nan", "spike", "slow", "crash", "term"]
+FaultKind = Literal["nan", "spike", "slow", "crash", "term", "hang"]
 
 
 @dataclass(frozen=True)
@@ -236,15 +237,15 @@ class Fault:
     Steps are 0-based step indices (the step that completes as step ``step + 1`` in
     the log). nan, spike and crash faults fire once per process.
 
-    Keys: ``kind`` (nan | spike | slow | crash | term: the process sends itself
-    SIGTERM, as a pod being stopped gets it), ``step`` (the step it fires at; for
-    ``slow`` the first slowed step, default 0), ``rank`` (plan rank, default all),
-    ``seconds`` (slow: delay per step), ``scale`` (spike: loss factor), ``sticky``
-    (spike: the batch's samples stay poisoned, so a re-injection spikes again; nan:
-    a NaN gradient at every step from ``step`` on, e.g. broken hardware, so rollbacks
-    cannot clear it and ``ROLLBACK_EXHAUSTED`` follows),
-    ``when`` (crash: ``step`` or ``save`` = right after starting that step's
-    checkpoint), ``attempt`` (crash, term: only on this torchrun restart attempt).
+    Keys: ``kind`` (nan | spike | slow | crash | term: the process sends itself SIGTERM,
+    as a pod being stopped gets it | hang: forward never returns), ``step`` (the step it
+    fires at; for ``slow`` the first slowed step, default 0), ``rank`` (plan rank,
+    default all), ``seconds`` (slow: delay per step), ``scale`` (spike: loss factor),
+    ``sticky`` (spike: the batch's samples stay poisoned, so a re-injection spikes
+    again; nan: a NaN gradient at every step from ``step`` on, e.g. broken hardware, so
+    rollbacks cannot clear it and ``ROLLBACK_EXHAUSTED`` follows), ``when`` (crash:
+    ``step`` or ``save`` = right after starting that step's checkpoint), ``attempt``
+    (crash, term, hang: only on this torchrun restart attempt).
     """
 
     kind: FaultKind
@@ -266,8 +267,8 @@ class Fault:
                 raise ValueError(f"fault {text!r}: {part!r} is not key=value")
             fields[key.strip()] = value.strip()
         kind = fields.pop("kind", "")
-        if kind not in ("nan", "spike", "slow", "crash", "term"):
-            raise ValueError(f"fault {text!r}: kind must be nan, spike, slow, crash or term")
+        if kind not in ("nan", "spike", "slow", "crash", "term", "hang"):
+            raise ValueError(f"fault {text!r}: kind must be nan, spike, slow, crash, term or hang")
         when = fields.pop("when", "step")
         if when not in ("step", "save"):
             raise ValueError(f"fault {text!r}: when must be step or save")
@@ -340,6 +341,12 @@ class FaultInjector:
         for fault in self._mine("crash"):
             if fault.when == when and fault.attempt == self.attempt and self._fires(fault, step):
                 os._exit(137)
+
+    def hang(self, step: int) -> None:
+        """Block forever at a ``hang`` fault's step, as a collective that never returns."""
+        for fault in self._mine("hang"):
+            if fault.attempt == self.attempt and self._fires(fault, step):
+                threading.Event().wait()
 
     def terminate(self, step: int) -> None:
         """Send this process SIGTERM at a ``term`` fault's step (a stop request)."""

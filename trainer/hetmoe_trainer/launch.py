@@ -2,8 +2,8 @@
 
 torchrun (torch.distributed.run) turns any worker failure into its own exit code 1,
 so the pod would hide the trainer's :class:`~hetmoe_operator.plan.WorkerExit` codes
-(78 config error, 86 replace this node, 87 rollbacks exhausted, 88 stopped) from the
-operator. This wrapper runs torchrun unchanged and, when workers fail, exits with the
+(78 config error, 86 replace this node, 87 rollbacks exhausted, 88 stopped, 89 hung)
+from the operator. This wrapper runs torchrun unchanged and, when workers fail, exits with the
 most telling of their codes: a hetmoe code if any worker used one, else the first
 failure's.
 
@@ -48,6 +48,7 @@ _PRIORITY = (
     WorkerExit.CONFIG_ERROR,
     WorkerExit.REPLACE_NODE,
     WorkerExit.ROLLBACK_EXHAUSTED,
+    WorkerExit.HUNG,
     WorkerExit.STOPPED,
 )
 

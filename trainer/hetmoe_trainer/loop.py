@@ -66,6 +66,7 @@ from hetmoe_trainer.pipeline import StepRunner
 from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter
 from hetmoe_trainer.schedule import learning_rate
 from hetmoe_trainer.stop import StopRequest
+from hetmoe_trainer.watchdog import HangWatchdog
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +120,9 @@ class TrainerOptions:
     zero: bool = True
     """ZeRO-1: AdamW state sharded over each parameter's holders (:class:`ShardedParameters`),
     as the planner's memory model assumes; off keeps full state on every rank."""
+    hang_timeout_s: float = 0.0
+    """Seconds a step may take before the worker exits with ``WorkerExit.HUNG``
+    (:mod:`hetmoe_trainer.watchdog`); 0 turns the watchdog off."""
     compile: bool = False
     """Regional ``torch.compile`` of every layer (:meth:`Stage.compile_regions`).
 
@@ -170,6 +174,7 @@ class Trainer:
         self.context = context
         self.options = options
         self.stop = stop if stop is not None else StopRequest()
+        self.watchdog = HangWatchdog(options.hang_timeout_s)
         self.training = training
         self.total_steps = training.total_steps
         device = context.device.device
@@ -285,6 +290,10 @@ class Trainer:
 
     def run(self) -> int:
         """Resume if possible, train to the end, return the exit code."""
+        with self.watchdog:
+            return self._run()
+
+    def _run(self) -> int:
         try:
             resume = self.checkpointer.find_resume_point()
             if resume is not None:
@@ -292,6 +301,7 @@ class Trainer:
                 self._report_resumed()
             while self.step < self.total_steps:
                 self.train_step()
+            self.watchdog.beat("the final checkpoint")
             if self.checkpointer.last_step != self.step:
                 self.save()
             self.checkpointer.wait()
@@ -322,6 +332,7 @@ class Trainer:
 
     def train_step(self) -> None:
         """One optimizer step (or a skipped one, or a rollback)."""
+        self.watchdog.beat(f"step {self.step + 1}: data")
         self.faults.crash(self.step, "step")
         self.faults.terminate(self.step)
         times = StepTimes()
@@ -337,6 +348,8 @@ class Trainer:
         times.add("data", time.perf_counter() - start)
 
         phase = time.perf_counter()
+        self.watchdog.phase(f"step {self.step + 1}: forward/backward")
+        self.faults.hang(self.step)
         compute = self.runner.compute
         before = (compute.forward_seconds, compute.forward_exchange_seconds)
         exchanged = compute.exchanges.seconds
@@ -358,6 +371,7 @@ class Trainer:
         ready = time.perf_counter() - start
 
         phase = time.perf_counter()
+        self.watchdog.phase(f"step {self.step + 1}: gradient sync", collective=True)
         self.sync.sync()
         times.add("grad_sync", time.perf_counter() - phase)
 
@@ -371,6 +385,7 @@ class Trainer:
         # same step, without a collective of its own.
         stats[3] = float(self.stop.requested)
         stats[4 + self.context.rank] = ready
+        self.watchdog.phase(f"step {self.step + 1}: statistics all-reduce", collective=True)
         dist.all_reduce(stats)
         values = stats.tolist()
         loss, grad_norm = values[0], math.sqrt(values[1]) if values[1] >= 0 else math.nan
@@ -387,6 +402,7 @@ class Trainer:
         loads = self._expert_loads()
 
         phase = time.perf_counter()
+        self.watchdog.phase(f"step {self.step + 1}: optimizer")
         lr = learning_rate(self.training.lr, self.step, self.total_steps) * verdict.lr_factor
         if verdict.action in (Action.APPLY, Action.LOWER_LR):
             clip_gradients(self.sync.params, grad_norm, self.training.grad_clip)

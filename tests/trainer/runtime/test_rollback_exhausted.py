@@ -9,12 +9,11 @@ sample ranges rollbacks skipped.
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 from plan_factory import make_plan
 
-from conftest import LAUNCH_ENV, REPO, launch_argv, records
+from conftest import records, run_torchrun
 from hetmoe_operator.api.training import AnomalyPolicy
 from hetmoe_operator.plan import WorkerExit
 
@@ -23,34 +22,25 @@ POLICY = AnomalyPolicy(window=8, spike_zscore=6.0, max_consecutive_skips=3)
 
 def test_persistent_nan_exhausts_rollbacks_and_exits_87(tmp_path: Path) -> None:
     plan = make_plan(dp=2, steps=10, sequence_length=16, anomaly=POLICY)
-    plan_path = tmp_path / "plan.json"
-    plan_path.write_text(plan.to_json())
     ckpt = tmp_path / "ckpt"
-    result = subprocess.run(
-        launch_argv(
-            plan_path,
-            ckpt,
-            "--checkpoint-interval",
-            "2",
-            "--sync-checkpoint",
-            "--max-rollbacks",
-            "1",
-            # Overlapped gradient buckets (off by default on CPU): the NaN must still
-            # reach every rank's verdict.
-            "--grad-overlap",
-            "on",
-            "--grad-bucket-mb",
-            "0.05",
-            # Rank 1's gradients are NaN at every step from step 2 on: a fault no
-            # rollback can clear.
-            "--inject-fault",
-            "kind=nan,step=2,rank=1,sticky=1",
-        ),
-        env=LAUNCH_ENV,
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=400,
+    result = run_torchrun(
+        plan,
+        tmp_path,
+        "--checkpoint-interval",
+        "2",
+        "--sync-checkpoint",
+        "--max-rollbacks",
+        "1",
+        # Overlapped gradient buckets (off by default on CPU): the NaN must still reach
+        # every rank's verdict.
+        "--grad-overlap",
+        "on",
+        "--grad-bucket-mb",
+        "0.05",
+        # Rank 1's gradients are NaN at every step from step 2 on: a fault no rollback
+        # can clear.
+        "--inject-fault",
+        "kind=nan,step=2,rank=1,sticky=1",
     )
     assert result.returncode == WorkerExit.ROLLBACK_EXHAUSTED, result.stderr[-3000:]
     batch = plan.training.global_batch_size
