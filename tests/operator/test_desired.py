@@ -65,7 +65,7 @@ def test_one_pod_per_plan_node_with_the_contract() -> None:
     assert container["command"] == ["python"]
     assert container["args"][:2] == ["-m", "hetmoe_trainer.launch"]
     assert "--rdzv-endpoint=g3-n0.job.ns.svc:29400" in container["args"]
-    assert container["args"][-12:] == [
+    assert container["args"][-14:] == [
         "-m",
         "hetmoe_trainer",
         "--plan",
@@ -78,6 +78,8 @@ def test_one_pod_per_plan_node_with_the_contract() -> None:
         "3",
         "--metrics-port",
         "9400",
+        "--hang-timeout",
+        "1800",
     ]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert env["HETMOE_POOL"] == "pool-a" and env["HETMOE_NODE_SLOT"] == "0"
@@ -134,6 +136,14 @@ def test_stop_grace_period_bounds_the_pod_and_the_torchrun_agent(
         args = pod["spec"]["containers"][0]["args"]
         # A torchrun option: before the trainer module, not passed on to the trainer.
         assert f"--shutdown-timeout={timeout}" in args[: args.index("hetmoe_trainer")]
+
+
+@pytest.mark.parametrize("elastic,timeout", [({}, "1800"), ({"hangTimeoutSeconds": 0}, "0")])
+def test_the_hang_timeout_reaches_the_trainer(elastic: dict, timeout: str) -> None:
+    for pod in worker_pods(plan(), context(elastic=elastic)):
+        args = pod["spec"]["containers"][0]["args"]
+        trainer_args = args[args.index("hetmoe_trainer") :]
+        assert trainer_args[trainer_args.index("--hang-timeout") + 1] == timeout
 
 
 def test_plan_config_map_round_trips_and_service_is_headless() -> None:

@@ -46,6 +46,7 @@ def test_restart_causes_are_exactly_what_the_classifier_returns() -> None:
         WorkerExit.REPLACE_NODE,
         WorkerExit.ROLLBACK_EXHAUSTED,
         WorkerExit.STOPPED,
+        WorkerExit.HUNG,
         SIGTERM_EXIT,
     ]
     reasons = ["Error", "OOMKilled", NODE_LOST, "Deleted"]

@@ -448,6 +448,7 @@ def test_random_histories_keep_the_invariants(events: list[tuple[str, Any]]) -> 
         (87, "RollbackExhausted"),
         (86, "ReplaceNode"),
         (1, "WorkerFailed"),
+        (89, "WorkerHung"),
     ],
 )
 def test_default_exit_code_contract(exit_code: int, cause: str) -> None:

@@ -138,6 +138,11 @@ class ElasticSpec(ApiModel):
     scale_up_stabilization_seconds: float = Field(default=60.0, ge=0, le=86400)
     """With scaleUp, a job must have been Running this long before it grows, and looks
     for capacity at most this often: growth never flaps."""
+    hang_timeout_seconds: int = Field(default=1800, ge=0, le=604800)
+    """A worker whose training step has not finished after this many seconds (a
+    collective or a kernel that never returns) prints every thread's stack and exits 89,
+    which restarts the job from its latest checkpoint. Cover the slowest step, the first
+    one after a restart included (checkpoint load, compilation). 0 turns it off."""
     failure_rules: list[FailureRule] = Field(default_factory=list, max_length=32)
     """Evaluated in order before the built-in defaults; first match wins."""
 

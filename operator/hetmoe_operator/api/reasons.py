@@ -59,6 +59,8 @@ REASONS: Final = MappingProxyType(
         "FailureRuleFail": "A failure rule with action fail matched.",
         "ConfigError": "A worker exited with 78: the plan or settings are invalid.",
         "RollbackExhausted": "A worker exited with 87: anomalies persisted across rollbacks.",
+        "WorkerHung": "A worker exited with 89: no training step finished within "
+        "elastic.hangTimeoutSeconds (its log has every thread's stack); a restart follows.",
         "WorkerStopped": "A running worker was stopped from outside (deleted, drained, "
         "evicted or preempted; or it exited 88 or 143): its trainers save a checkpoint at the "
         "end of their step before exiting, and the restart does not count towards "

@@ -94,6 +94,7 @@ def worker_launches(
     checkpoint_dir: str = CHECKPOINT_DIR,
     checkpoint_interval: int = 100,
     keep_checkpoints: int = 3,
+    hang_timeout_seconds: int = 0,
 ) -> list[WorkerLaunch]:
     """argv and env of every node's torchrun agent, in plan node order.
 
@@ -132,6 +133,8 @@ def worker_launches(
             str(keep_checkpoints),
             "--metrics-port",
             str(metrics_port),
+            "--hang-timeout",
+            str(hang_timeout_seconds),
         )
         env = {
             "HETMOE_JOB": job_name,
@@ -192,6 +195,7 @@ def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
         stop_grace_seconds=ctx.spec.checkpoint.stop_grace_period_seconds,
         checkpoint_interval=ctx.spec.checkpoint.interval_steps,
         keep_checkpoints=ctx.spec.checkpoint.keep,
+        hang_timeout_seconds=ctx.spec.elastic.hang_timeout_seconds,
     )
     return [_pod(launch, ctx, len(launches)) for launch in launches]
 

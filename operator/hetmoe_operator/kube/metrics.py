@@ -19,6 +19,7 @@ RESTART_CAUSES: Final = (
     "WorkerFailed",
     "NodeLost",
     "WorkerStopped",
+    "WorkerHung",
     "ReplaceNode",
     "FailureRuleFail",
     "ConfigError",

@@ -3,10 +3,11 @@
 User failure rules are evaluated first (first match wins), then the built-in
 defaults that encode the trainer's exit-code contract (``plan.WorkerExit``):
 78 config error -> fail, 87 rollback exhausted -> fail, 86 replace node ->
-re-plan without the node; a lost node restarts without using up a restart (the
-job did nothing wrong); so does a worker stopped from outside, 88 from the trainer
-or 143 (128 + SIGTERM) from its torchrun agent (a drain, an eviction, a preemption:
-it saved a checkpoint on the way out); anything else restarts and counts.
+re-plan without the node, 89 hung -> restart (counted); a lost node restarts
+without using up a restart (the job did nothing wrong); so does a worker stopped
+from outside, 88 from the trainer or 143 (128 + SIGTERM) from its torchrun agent (a
+drain, an eviction, a preemption: it saved a checkpoint on the way out); anything
+else restarts and counts.
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ def classify(failure: Failure, rules: Sequence[FailureRule]) -> Verdict:
         return Verdict("fail", True, "RollbackExhausted")
     if failure.exit_code == WorkerExit.REPLACE_NODE:
         return Verdict("replace-node", True, "ReplaceNode")
+    if failure.exit_code == WorkerExit.HUNG:
+        return Verdict("restart", True, "WorkerHung")
     if failure.reason == NODE_LOST:
         return Verdict("restart", False, NODE_LOST)
     if failure.orderly:
