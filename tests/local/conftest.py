@@ -49,16 +49,24 @@ def local_cluster() -> ClusterDescription:
 
 
 def write_job(
-    directory: Path, *, name: str, steps: int, interval: int, backoff: float | None = None
+    directory: Path,
+    *,
+    name: str,
+    steps: int,
+    interval: int,
+    backoff: float | None = None,
+    hang_timeout: int | None = None,
 ) -> Path:
-    """A copy of the tiny example with fewer steps (and another restart backoff),
-    written to ``directory``."""
+    """A copy of the tiny example with fewer steps (and another restart backoff or hang
+    timeout), written to ``directory``."""
     manifest = yaml.safe_load(TINY_JOB.read_text())
     manifest["metadata"]["name"] = name
     manifest["spec"]["training"]["steps"] = steps
     manifest["spec"]["checkpoint"]["intervalSteps"] = interval
     if backoff is not None:
         manifest["spec"]["elastic"]["backoffSeconds"] = backoff
+    if hang_timeout is not None:
+        manifest["spec"]["elastic"]["hangTimeoutSeconds"] = hang_timeout
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path

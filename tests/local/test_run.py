@@ -92,6 +92,25 @@ def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     assert faulty["loss"] == clean["loss"]
 
 
+def test_an_injected_hang_is_ended_by_the_watchdog_and_the_job_restarts(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    job = write_job(tmp_path, name="tiny-hang", steps=16, interval=5, backoff=0, hang_timeout=20)
+    run_dir = tmp_path / "run"
+    argv = hetmoe_argv(job, run_dir, "--inject-fault", "kind=hang,rank=1,step=8")
+    result = run_hetmoe(argv, run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = _final_line(result)
+    assert "phase=Succeeded" in final and "restarts=1" in final, final
+    assert "WorkerHung" in result.stdout and "code 89" in result.stdout
+    logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*.gen1.log"))
+    assert "stuck in step 9: forward/backward" in logs
+    hung = read_train_log(run_dir / "checkpoints")[-1]
+    clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
+    assert hung["step"] == clean["step"] == 16
+    assert hung["loss"] == clean["loss"]
+
+
 def _trainer_workers(root: int) -> list[int]:
     """Trainer processes under ``root``: the children of a torchrun agent
     (``hetmoe_trainer.launch``)."""

@@ -53,8 +53,9 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--inject-fault",
-        metavar="rank=R,step=S",
-        help="crash plan rank R at step S, once, to watch an elastic restart",
+        metavar="[kind=crash|hang,]rank=R,step=S",
+        help="crash plan rank R at step S, once, to watch an elastic restart; kind=hang "
+        "blocks it instead, until the hang watchdog (elastic.hangTimeoutSeconds) fires",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the run directory first (no resume)"
@@ -63,15 +64,21 @@ def register(subparsers: Any) -> None:
 
 
 def parse_fault(text: str) -> FaultInjection:
-    """``rank=R,step=S`` (either order) into a fault; anything else is a UserError."""
-    parts = dict(part.partition("=")[::2] for part in text.split(","))
+    """``[kind=crash|hang,]rank=R,step=S`` (any order) into a fault; anything else is a
+    UserError."""
+    items = [part.partition("=")[::2] for part in text.split(",")]
+    parts = dict(items)
+    kind = parts.pop("kind", "crash")
     if (
-        text.count(",") != 1
+        len(set(key for key, _ in items)) != len(items)  # a key given twice
         or sorted(parts) != ["rank", "step"]
+        or kind not in ("crash", "hang")
         or not all(re.fullmatch(r"\d+", v) for v in parts.values())
     ):
-        raise UserError(f"--inject-fault {text!r}: expected rank=R,step=S with whole numbers")
-    return FaultInjection(rank=int(parts["rank"]), step=int(parts["step"]))
+        raise UserError(
+            f"--inject-fault {text!r}: expected [kind=crash|hang,]rank=R,step=S with whole numbers"
+        )
+    return FaultInjection(rank=int(parts["rank"]), step=int(parts["step"]), kind=kind)
 
 
 def cluster_file(job_file: Path, explicit: Path | None) -> Path:

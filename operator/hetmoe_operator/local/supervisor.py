@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal
 
 from hetmoe_operator.api.cluster import ClusterDescription
 from hetmoe_operator.api.job import MoEJob
@@ -84,14 +84,16 @@ SCRAPE_TARGETS = "prometheus/targets.json"
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Crash one plan rank at one step, once (the first generation this run starts)."""
+    """Crash (or hang) one plan rank at one step, once (the first generation this run
+    starts)."""
 
     rank: int
     step: int
+    kind: Literal["crash", "hang"] = "crash"
 
     def trainer_spec(self) -> str:
         """The trainer's fault syntax."""
-        return f"kind=crash,step={self.step},rank={self.rank}"
+        return f"kind={self.kind},step={self.step},rank={self.rank}"
 
 
 @dataclass
