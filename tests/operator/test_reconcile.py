@@ -494,6 +494,20 @@ def test_stops_from_outside_are_orderly_other_failures_are_not() -> None:
     }
 
 
+def test_a_workers_own_verdict_is_the_failure_reported_not_the_fallout() -> None:
+    from hetmoe_operator.reconcile.failures import detect
+    from hetmoe_operator.reconcile.observe import PodObs
+
+    def failed(name: str, exit_code: int) -> PodObs:
+        return PodObs(
+            name, generation=1, pool="p", node_slot=0, phase="Failed", node="n",
+            exit_code=exit_code,
+        )  # fmt: skip
+
+    pods = [failed("fallout", 1), failed("hung", WorkerExit.HUNG)]
+    assert [f.pod for f in detect(pods, [], {"n": True})] == ["hung", "fallout"]
+
+
 @pytest.mark.parametrize("exit_code", [88, 143])
 def test_a_stopped_worker_restarts_without_using_up_a_restart(exit_code: int) -> None:
     world = running_world(elastic={"maxRestarts": 0, "backoffSeconds": 0})

@@ -38,6 +38,7 @@ from hetmoe_trainer.distributed import (
     validate_plan,
 )
 from hetmoe_trainer.stop import stop_on_signals
+from hetmoe_trainer.termination import record_termination
 
 log = logging.getLogger("hetmoe_trainer")
 
@@ -152,6 +153,12 @@ def _load_plan(path: Path) -> Plan:
     return plan
 
 
+def _config_error(error: Exception) -> None:
+    """Say it in the log and, for the pod's status, in the termination log."""
+    log.error("configuration error: %s", error)
+    record_termination(f"configuration error: {error}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one worker; returns its exit code."""
     argv = sys.argv[1:] if argv is None else argv
@@ -172,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         plan_rank = plan_rank_from_env(plan, os.environ)
         slowdown = simulated_slowdown(os.environ)
     except (PlanError, ValueError) as error:
-        log.error("configuration error: %s", error)
+        _config_error(error)
         return WorkerExit.CONFIG_ERROR
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -181,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         context = build_context(plan, plan_rank, device)
     except PlanError as error:
-        log.error("configuration error: %s", error)
+        _config_error(error)
         dist.destroy_process_group()
         return WorkerExit.CONFIG_ERROR
     # Imported only now: it pulls in DCP (and sympy), which configuration errors need not wait for.
@@ -208,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(context, options)
     except PlanError as error:  # e.g. --compile with a plan that splits the backward
-        log.error("configuration error: %s", error)
+        _config_error(error)
         dist.destroy_process_group()
         return WorkerExit.CONFIG_ERROR
     with stop_on_signals(trainer.stop):

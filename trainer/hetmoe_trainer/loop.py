@@ -25,6 +25,7 @@ the last line wins).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -66,7 +67,8 @@ from hetmoe_trainer.pipeline import StepRunner
 from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter
 from hetmoe_trainer.schedule import learning_rate
 from hetmoe_trainer.stop import StopRequest
-from hetmoe_trainer.watchdog import HangWatchdog
+from hetmoe_trainer.termination import record_termination
+from hetmoe_trainer.watchdog import HangWatchdog, exit_hung
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +176,9 @@ class Trainer:
         self.context = context
         self.options = options
         self.stop = stop if stop is not None else StopRequest()
-        self.watchdog = HangWatchdog(options.hang_timeout_s)
+        self.watchdog = HangWatchdog(
+            options.hang_timeout_s, on_hang=functools.partial(exit_hung, plan_rank=me.rank)
+        )
         self.training = training
         self.total_steps = training.total_steps
         device = context.device.device
@@ -312,6 +316,7 @@ class Trainer:
                 log.warning("%s", end)
             else:
                 log.error("%s", end)
+            record_termination(str(end), self.context.me.rank)
             self.checkpointer.wait()
             self._report(
                 state=_EXIT_STATES[end.code],

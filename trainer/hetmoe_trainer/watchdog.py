@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 
 from hetmoe_operator.plan import WorkerExit
+from hetmoe_trainer.termination import record_termination
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +44,11 @@ def collective_extra_seconds(timeout_s: float) -> float:
     return max(2.0, 0.1 * timeout_s)
 
 
-def exit_hung(message: str) -> None:
-    """Log, dump every thread's stack to stderr, exit with ``WorkerExit.HUNG``."""
+def exit_hung(message: str, plan_rank: int | None = None) -> None:
+    """Log, dump every thread's stack to stderr, record why for the pod's status
+    (:mod:`hetmoe_trainer.termination`), exit with ``WorkerExit.HUNG``."""
     log.error("%s", message)
+    record_termination(message, plan_rank)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
     os._exit(WorkerExit.HUNG)

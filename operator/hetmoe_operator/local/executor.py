@@ -63,6 +63,10 @@ from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription
 
 SLOWDOWN_ENV = "HETMOE_SIMULATED_SLOWDOWN"
+TERMINATION_LOG_ENV = "HETMOE_TERMINATION_LOG"
+"""Where the trainer writes why it ended (``hetmoe_trainer.termination``)."""
+TERMINATION_MESSAGE_BYTES = 4096
+"""As much of it as a kubelet keeps."""
 LOCAL_ADDRESS = "127.0.0.1"
 _COMPUTE_OPERATIONS = ("attention", "expert_ffn", "dense_ffn", "embedding")
 # Variables a launcher on the host may have set that would confuse torchrun inside a
@@ -120,6 +124,8 @@ class PodState:
     """Container exit code once terminated; 128+N for a process killed by signal N."""
     reason: str = ""
     """``Completed`` or ``Error``, as Kubernetes reports a terminated container."""
+    message: str = ""
+    """What the container wrote to its termination log (the trainer: why it ended)."""
 
 
 @dataclass(frozen=True)
@@ -457,6 +463,7 @@ def host_path(pod: Mapping[str, Any], container_path: str, run_dir: Path) -> Pat
 class _Running:
     pod: LocalPod
     process: subprocess.Popen[bytes]
+    termination_log: Path
 
 
 @dataclass
@@ -477,6 +484,10 @@ class LocalExecutor:
         logs.mkdir(parents=True, exist_ok=True)
         env = {k: v for k, v in os.environ.items() if k not in _HOST_ONLY_ENV}
         env.update(pod.env)
+        # The stand-in for the kubelet's /dev/termination-log (hetmoe_trainer.termination).
+        termination_log = logs / f"{pod.name}.gen{generation}.termination"
+        termination_log.unlink(missing_ok=True)
+        env[TERMINATION_LOG_ENV] = str(termination_log)
         with (logs / f"{pod.name}.gen{generation}.log").open("ab") as log:
             try:
                 process = subprocess.Popen(
@@ -492,7 +503,7 @@ class LocalExecutor:
                 raise TranslationError(
                     f"pod {pod.name}: cannot start {pod.argv[0]}: {error.strerror}"
                 ) from None
-        self._running[pod.name] = _Running(pod, process)
+        self._running[pod.name] = _Running(pod, process, termination_log)
 
     def pods(self) -> list[LocalPod]:
         """Pods started and not yet removed, in start order."""
@@ -518,7 +529,8 @@ class LocalExecutor:
             exit_code = 128 - code if code < 0 else code
             phase: PodPhase = "Succeeded" if exit_code == 0 else "Failed"
             reason = "Completed" if exit_code == 0 else "Error"
-            states.append(PodState(name, phase, exit_code, reason))
+            message = _read_head(entry.termination_log, TERMINATION_MESSAGE_BYTES)
+            states.append(PodState(name, phase, exit_code, reason, message))
         return states
 
     def delete(
@@ -549,6 +561,14 @@ class LocalExecutor:
     def delete_all(self) -> None:
         """Stop every pod with the default grace period."""
         self.delete(dict.fromkeys(self._running, self.grace_seconds))
+
+
+def _read_head(path: Path, limit: int) -> str:
+    try:
+        with path.open("rb") as file:
+            return file.read(limit).decode("utf-8", errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -133,7 +133,11 @@ def _pod_view(pod: _Pod, state: PodState | None) -> dict[str, Any]:
     container_status: dict[str, Any] = {"name": "trainer", "state": {"running": {}}}
     if state and state.exit_code is not None:
         container_status["state"] = {
-            "terminated": {"exitCode": state.exit_code, "reason": state.reason}
+            "terminated": {
+                "exitCode": state.exit_code,
+                "reason": state.reason,
+                "message": state.message,
+            }
         }
     return {
         "metadata": pod.manifest["metadata"],

@@ -28,6 +28,16 @@ SIGTERM_EXIT = 143
 STOPPED_EXITS = frozenset({WorkerExit.STOPPED, SIGTERM_EXIT})
 """Exit codes of a worker stopped from outside, which restart without being counted."""
 WORKER_STOPPED = "WorkerStopped"
+TELLING_EXITS = frozenset(
+    {
+        WorkerExit.CONFIG_ERROR,
+        WorkerExit.REPLACE_NODE,
+        WorkerExit.ROLLBACK_EXHAUSTED,
+        WorkerExit.HUNG,
+        *STOPPED_EXITS,
+    }
+)
+"""Exit codes that are a worker's own verdict, not fallout of another's failure."""
 STUCK_TERMINATING_SECONDS = 30.0
 """A pod still present this long after its deletion deadline is force-deleted."""
 NOT_READY_GRACE_SECONDS = 20.0
@@ -119,6 +129,9 @@ def detect(
     for name in expected:
         if name not in by_name:
             gone.append(Failure(name, "", None, DELETED, "the pod disappeared"))
+    # When one worker fails, the others fail too, a moment later, on the broken
+    # collective (exit 1): a worker's own verdict (78, 86, 87, 89...) says more.
+    exits.sort(key=lambda f: f.exit_code not in TELLING_EXITS)
     return exits + lost + gone
 
 

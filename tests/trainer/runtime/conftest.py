@@ -118,7 +118,12 @@ def run_forked(
 
 
 def run_torchrun(
-    plan: Plan, workdir: Path, *extra: str, max_restarts: int = 0, timeout: float = 400
+    plan: Plan,
+    workdir: Path,
+    *extra: str,
+    max_restarts: int = 0,
+    timeout: float = 400,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """The pod's entry point on one node with a c10d rendezvous (see :func:`launch_argv`)."""
     workdir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +133,12 @@ def run_torchrun(
         plan_path, workdir / "ckpt", *extra, nproc=plan.world_size, max_restarts=max_restarts
     )
     return subprocess.run(
-        cmd, env=LAUNCH_ENV, cwd=REPO, capture_output=True, text=True, timeout=timeout
+        cmd,
+        env={**LAUNCH_ENV, **(env or {})},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 

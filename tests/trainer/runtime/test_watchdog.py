@@ -51,8 +51,12 @@ def test_a_hung_rank_ends_the_pod_with_89_and_its_stack(tmp_path: Path) -> None:
         "--inject-fault",
         "kind=hang,step=3,rank=1",
         timeout=300,
+        env={"HETMOE_TERMINATION_LOG": str(tmp_path / "termination-log")},
     )
     assert result.returncode == WorkerExit.HUNG, result.stderr[-3000:]
     assert "stuck in step 4: forward/backward" in result.stderr, result.stderr[-3000:]
     assert "in hang" in result.stderr, "the stuck thread's stack names the blocking call"
     assert [r["step"] for r in records(tmp_path / "ckpt")] == [1, 2, 3]
+    # What the pod's status will say: the wedged rank first (the others wait longer).
+    first = (tmp_path / "termination-log").read_text().splitlines()[0]
+    assert first.startswith("plan rank 1: no progress for") and "forward/backward" in first
