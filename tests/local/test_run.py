@@ -105,9 +105,10 @@ def test_an_injected_hang_is_ended_by_the_watchdog_and_the_job_restarts(
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*.gen1.log"))
     assert "stuck in step 9: forward/backward" in logs
     # The other pod fails too, on the broken collective (exit 1), and may be seen
-    # first; when the hung one is, its own words reach the job's events and status.
+    # first; when the hung one is, its own words reach the job's events and status
+    # (rank 1's, or on a loaded machine its waiting peer's, whose margin is 2 s here).
     if "WorkerHung" in result.stdout:
-        assert "code 89" in result.stdout and "plan rank 1: no progress for" in result.stdout
+        assert "code 89" in result.stdout and ": no progress for" in result.stdout
     hung = read_train_log(run_dir / "checkpoints")[-1]
     clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
     assert hung["step"] == clean["step"] == 16
