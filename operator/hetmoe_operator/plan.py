@@ -12,6 +12,7 @@ after ``init_process_group``.
 
 from __future__ import annotations
 
+import re
 from typing import Final, Literal
 
 from pydantic import Field, model_validator
@@ -434,7 +435,12 @@ class WorkerExit:
     CONFIG_ERROR = 78
     """The plan or settings are invalid: restarting cannot help (EX_CONFIG)."""
     REPLACE_NODE = 86
-    """This rank's device is persistently slow or faulty: re-plan without its node."""
+    """A rank's device is persistently slow or faulty: re-plan without its node.
+
+    The verdict is collective, so every rank exits with it; the one-line reason each
+    writes names the node to replace (:func:`replace_node_request`), so whichever
+    worker the operator sees first points at the same node. Without that mark, the
+    node of the worker that exited is meant."""
     ROLLBACK_EXHAUSTED = 87
     """Repeated anomalies persisted across rollbacks: needs a human."""
     HUNG = 89
@@ -446,3 +452,18 @@ class WorkerExit:
     The job did nothing wrong (a drain, an eviction, a preemption), so a restart
     resumes from that checkpoint without using up a restart. A torchrun agent that is
     itself signalled exits with the shell's 128 + signal (143 for SIGTERM) instead."""
+
+
+_REPLACE_NODE_MARK = re.compile(r"\(replace node: pool=([A-Za-z0-9_.-]+) slot=(\d+)\)")
+
+
+def replace_node_request(pool: str, node_slot: int) -> str:
+    """The mark a ``WorkerExit.REPLACE_NODE`` reason carries to name the node to replace
+    by its place in the plan (the trainer does not know node names)."""
+    return f"(replace node: pool={pool} slot={node_slot})"
+
+
+def parse_replace_node_request(message: str) -> tuple[str, int] | None:
+    """The (pool, node slot) a reason's :func:`replace_node_request` mark names, if any."""
+    found = _REPLACE_NODE_MARK.search(message)
+    return (found.group(1), int(found.group(2))) if found else None

@@ -290,12 +290,13 @@ class World:
                     used.add(name)
                     break
 
-    def fail_pod(self, name: str, exit_code: int = 1, reason: str = "Error") -> None:
+    def fail_pod(
+        self, name: str, exit_code: int = 1, reason: str = "Error", message: str = ""
+    ) -> None:
+        terminated = {"exitCode": exit_code, "reason": reason, "message": message}
         self.pods[name]["status"] = {
             "phase": "Failed",
-            "containerStatuses": [
-                {"state": {"terminated": {"exitCode": exit_code, "reason": reason}}}
-            ],
+            "containerStatuses": [{"state": {"terminated": terminated}}],
         }
 
     def succeed_all(self) -> None:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WorkerExit, replace_node_request
 from hetmoe_operator.reconcile.decide import BROKEN_GANG_GRACE_SECONDS, DELETE_POLL_SECONDS
 from hetmoe_operator.reconcile.failures import (
     RESTART_HOLD_SECONDS,
@@ -146,6 +146,25 @@ def test_replace_node_excludes_the_node_from_the_next_generation() -> None:
     assert world.status.excluded_nodes == ["a0"]
     assert world.status.phase == "Running"
     assert world.pods["job-g2-pool-a-0"]["spec"]["nodeName"] == "a1"
+
+
+def test_replace_node_leaves_out_the_node_the_workers_name_whichever_pod_is_seen_first() -> None:
+    world = running_world()
+    world.fail_pod(
+        "job-g1-pool-d-0",
+        exit_code=86,
+        message="plan rank 2: rank 0 (pool-a node 0) straggled for 20 steps (score 2.40); "
+        f"checkpoint saved at step 7; {replace_node_request('pool-a', 0)}",
+    )
+    world.settle(4)
+    assert world.status.excluded_nodes == ["a0"]
+    assert world.status.last_failure is not None
+    assert (world.status.last_failure.pod, world.status.last_failure.node) == (
+        "job-g1-pool-a-0",
+        "a0",
+    )
+    assert world.pods["job-g2-pool-a-0"]["spec"]["nodeName"] == "a1"
+    assert world.pods["job-g2-pool-d-0"]["spec"]["nodeName"] == "d0"
 
 
 def test_failure_rule_can_make_a_failure_free() -> None:

@@ -13,7 +13,8 @@ norm, so all ranks decide together without an extra vote):
   skip the sample range consumed since the streak began (the loop does it);
 - stragglers: each rank's time to be ready for gradient sync divided by the median
   of the other ranks' is its score; a score above ``straggler_factor`` for
-  ``straggler_patience`` steps in a row ends the job with ``WorkerExit.REPLACE_NODE``.
+  ``straggler_patience`` steps in a row saves a checkpoint and ends the job with
+  ``WorkerExit.REPLACE_NODE`` on every rank, each naming the straggler's node.
 
 A skipped step never calls ``optimizer.step()``, so the optimizer state (moments and
 step counts) is untouched; gradients are simply zeroed.

@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WorkerExit, replace_node_request
 from hetmoe_trainer.anomaly import (
     Action,
     AnomalyDetector,
@@ -548,10 +548,18 @@ class Trainer:
         }
         self.detector.record(self.step, "straggler", json.dumps(info))
         self._report(straggler=info, anomalies=self.detector.counts, events=self.detector.events)
+        # The job is healthy, only slow: keep its steps (the rule of a stop applies).
+        if self.detector.consecutive_skips:
+            kept = f"checkpoint of step {self.checkpointer.last_step} kept for a rollback"
+        else:
+            if self.checkpointer.last_step != self.step:
+                self.save()
+            kept = f"checkpoint saved at step {self.step}"
         raise TrainingExit(
             WorkerExit.REPLACE_NODE,
             f"rank {plan_rank} ({seat.pool} node {seat.node_slot}) straggled for "
-            f"{self.stragglers.patience} steps (score {scores[straggler]:.2f}): replace its node",
+            f"{self.stragglers.patience} steps (score {scores[straggler]:.2f}); {kept}; "
+            + replace_node_request(seat.pool, seat.node_slot),
         )
 
     # -- reporting -----------------------------------------------------------------

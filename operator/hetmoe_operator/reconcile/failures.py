@@ -3,7 +3,7 @@
 User failure rules are evaluated first (first match wins), then the built-in
 defaults that encode the trainer's exit-code contract (``plan.WorkerExit``):
 78 config error -> fail, 87 rollback exhausted -> fail, 86 replace node ->
-re-plan without the node, 89 hung -> restart (counted); a lost node restarts
+re-plan without the node it names, 89 hung -> restart (counted); a lost node restarts
 without using up a restart (the job did nothing wrong); so does a worker stopped
 from outside, 88 from the trainer or 143 (128 + SIGTERM) from its torchrun agent (a
 drain, an eviction, a preemption: it saved a checkpoint on the way out); anything
@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 
 from hetmoe_operator.api.job import FailureAction, FailureRule
 from hetmoe_operator.api.status import MoEJobStatus
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WorkerExit, parse_replace_node_request
 from hetmoe_operator.reconcile.observe import PodObs, parse_time
 
 NODE_LOST = "NodeLost"
@@ -102,10 +102,11 @@ def detect(
     exits, lost, gone = [], [], []
     for pod in pods:
         if pod.phase == "Failed":
+            blamed = _node_to_replace(pod, pods)
             exits.append(
                 Failure(
-                    pod.name,
-                    pod.node,
+                    blamed.name,
+                    blamed.node,
                     pod.exit_code,
                     pod.reason or "Error",
                     pod.message,
@@ -133,6 +134,20 @@ def detect(
     # collective (exit 1): a worker's own verdict (78, 86, 87, 89...) says more.
     exits.sort(key=lambda f: f.exit_code not in TELLING_EXITS)
     return exits + lost + gone
+
+
+def _node_to_replace(pod: PodObs, pods: Sequence[PodObs]) -> PodObs:
+    """The worker a ``REPLACE_NODE`` exit is about: every rank exits with that code when
+    one straggles, naming the straggler's place in the plan, so the failure (and the
+    node left out of the next plan) is the named worker's, whichever pod is seen first.
+    Any other exit, or a mark naming no pod of this generation, is the pod's own."""
+    if pod.exit_code != WorkerExit.REPLACE_NODE:
+        return pod
+    named = parse_replace_node_request(pod.message)
+    if named is None:
+        return pod
+    pool, slot = named
+    return next((p for p in pods if (p.pool, p.node_slot) == (pool, slot) and p.node), pod)
 
 
 def classify(failure: Failure, rules: Sequence[FailureRule]) -> Verdict:

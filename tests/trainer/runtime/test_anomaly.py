@@ -13,11 +13,12 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import records
 from hetmoe_operator.api.training import AnomalyPolicy
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WorkerExit, parse_replace_node_request
 from hetmoe_trainer.anomaly import Fault
 from hetmoe_trainer.checkpoint import step_dir
 from hetmoe_trainer.distributed import build_context, pick_device
 from hetmoe_trainer.loop import Trainer, TrainerOptions
+from hetmoe_trainer.termination import TERMINATION_LOG_ENV
 
 SEQ = 16
 POLICY = AnomalyPolicy(window=8, spike_zscore=6.0, max_consecutive_skips=3)
@@ -116,15 +117,31 @@ def test_repeated_anomalies_roll_back_and_skip_the_sample_range(tmp_path: Path) 
     assert replayed[-1]["consumed_samples"] == 13 * batch, "the stream jumps over the bad range"
 
 
-def test_persistent_straggler_exits_replace_node(forked, tmp_path: Path) -> None:
+def test_persistent_straggler_saves_and_every_rank_names_its_node(
+    forked, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     policy = AnomalyPolicy(window=8, straggler_factor=1.5, straggler_patience=3)
     plan = make_plan(dp=2, steps=30, sequence_length=SEQ, anomaly=policy)
-    codes = forked(plan, tmp_path, faults=["kind=slow,rank=1,seconds=1.5"])
+    first, second = plan.ranks  # on two nodes, so naming the right one matters
+    plan = plan.model_copy(
+        update={"ranks": [first, second.model_copy(update={"node_slot": 1, "local_rank": 0})]}
+    )
+    reasons = tmp_path / "termination-log"
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(reasons))
+    codes = forked(plan, tmp_path / "ckpt", faults=["kind=slow,rank=1,seconds=1.5"])
     assert codes == [WorkerExit.REPLACE_NODE] * 2
-    progress = json.loads((tmp_path / "progress.json").read_text())
+    progress = json.loads((tmp_path / "ckpt" / "progress.json").read_text())
     assert progress["state"] == "straggler"
     assert progress["straggler"]["plan_rank"] == 1 and progress["straggler"]["score"] > 1.5
     assert progress["step"] <= 2 + 3 + 1
+    # No step is lost to the replacement: the exit step is the latest checkpoint.
+    assert progress["last_checkpoint_step"] == progress["step"]
+    latest = (tmp_path / "ckpt" / "latest").read_text().strip()
+    assert latest == step_dir(tmp_path / "ckpt", progress["step"]).name
+    # Whichever worker the operator sees first names the straggler's node.
+    lines = reasons.read_text().splitlines()
+    assert len(lines) == 2
+    assert {parse_replace_node_request(line) for line in lines} == {("local", 1)}
 
 
 def test_fault_specs_are_parsed_strictly() -> None:
