@@ -467,3 +467,9 @@ def parse_replace_node_request(message: str) -> tuple[str, int] | None:
     """The (pool, node slot) a reason's :func:`replace_node_request` mark names, if any."""
     found = _REPLACE_NODE_MARK.search(message)
     return (found.group(1), int(found.group(2))) if found else None
+
+
+WAITING_FOR_PEERS_MARK: Final = "(waiting for other ranks)"
+"""Carried by the reason of a ``WorkerExit.HUNG`` worker that was stuck in a
+collective: it was waiting for a peer, which is the likelier culprit, so the operator
+names a worker stuck elsewhere when it sees one (``reconcile.failures``)."""

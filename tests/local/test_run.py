@@ -81,6 +81,9 @@ def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     final = _final_line(result)
     assert "phase=Succeeded" in final and "restarts=1" in final, final
     assert "WorkerFailed" in result.stdout
+    # The crashed rank's pod is named (its agent says which worker died), not the
+    # other pod, whose ranks fell with it on the broken collective.
+    assert "exited with code 137" in result.stdout, result.stdout
     steps = [
         int(line.split('"step": ')[1].split(",")[0]) for line in _lines(run_dir / "checkpoints")
     ]
@@ -104,11 +107,11 @@ def test_an_injected_hang_is_ended_by_the_watchdog_and_the_job_restarts(
     assert "phase=Succeeded" in final and "restarts=1" in final, final
     logs = "".join(p.read_text() for p in (run_dir / "logs").glob("*.gen1.log"))
     assert "stuck in step 9: forward/backward" in logs
-    # The other pod fails too, on the broken collective (exit 1), and may be seen
-    # first; when the hung one is, its own words reach the job's events and status
-    # (rank 1's, or on a loaded machine its waiting peer's, whose margin is 2 s here).
-    if "WorkerHung" in result.stdout:
-        assert "code 89" in result.stdout and ": no progress for" in result.stdout
+    # The other pod fails too (its collective breaks, exit 1, or on a loaded machine
+    # its own watchdog fires 2 s later) and may be seen first; it says it was waiting
+    # for others, so it is held until the hung pod's report names the culprit.
+    assert "WorkerHung" in result.stdout, result.stdout
+    assert "code 89" in result.stdout and "plan rank 1: no progress for" in result.stdout
     hung = read_train_log(run_dir / "checkpoints")[-1]
     clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
     assert hung["step"] == clean["step"] == 16
@@ -165,6 +168,7 @@ def test_killing_a_worker_by_hand_restarts_and_ends_at_the_fault_free_loss(
     output = (tmp_path / "run.log").read_text()
     final = [line for line in output.splitlines() if line.startswith("job=")][-1]
     assert "phase=Succeeded" in final and "restarts=1" in final, final
+    assert "was killed by SIGKILL" in output, "the killed worker's pod is the one named"
     steps = [int(line.split('"step": ')[1].split(",")[0]) for line in _lines(checkpoints)]
     restart = next(i for i in range(1, len(steps)) if steps[i] <= steps[i - 1])
     assert steps[restart] > 1, "the restarted generation did not resume from a checkpoint"

@@ -21,6 +21,7 @@ from hetmoe_operator.plan import (
     ReplicaPlan,
     StagePlan,
 )
+from hetmoe_operator.reconcile.conditions import rfc3339
 
 DATA = Path(__file__).parent / "data"
 NOW = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
@@ -293,7 +294,12 @@ class World:
     def fail_pod(
         self, name: str, exit_code: int = 1, reason: str = "Error", message: str = ""
     ) -> None:
-        terminated = {"exitCode": exit_code, "reason": reason, "message": message}
+        terminated = {
+            "exitCode": exit_code,
+            "reason": reason,
+            "message": message,
+            "finishedAt": rfc3339(self.now),
+        }
         self.pods[name]["status"] = {
             "phase": "Failed",
             "containerStatuses": [{"state": {"terminated": terminated}}],

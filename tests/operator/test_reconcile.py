@@ -11,9 +11,10 @@ from hypothesis import strategies as st
 
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
-from hetmoe_operator.plan import WorkerExit, replace_node_request
+from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK, WorkerExit, replace_node_request
 from hetmoe_operator.reconcile.decide import BROKEN_GANG_GRACE_SECONDS, DELETE_POLL_SECONDS
 from hetmoe_operator.reconcile.failures import (
+    PEER_WAIT_SETTLE_SECONDS,
     RESTART_HOLD_SECONDS,
     STUCK_TERMINATING_SECONDS,
     keeps_its_nodes,
@@ -165,6 +166,68 @@ def test_replace_node_leaves_out_the_node_the_workers_name_whichever_pod_is_seen
     )
     assert world.pods["job-g2-pool-a-0"]["spec"]["nodeName"] == "a1"
     assert world.pods["job-g2-pool-d-0"]["spec"]["nodeName"] == "d0"
+
+
+def _hang_reason(plan_rank: int, phase: str, *, waiting: bool) -> str:
+    mark = f" {WAITING_FOR_PEERS_MARK}" if waiting else ""
+    return f"plan rank {plan_rank}: no progress for 1800 s, stuck in {phase}{mark}: exiting"
+
+
+@pytest.mark.parametrize(
+    ("fallout", "culprit", "cause"),
+    [
+        (
+            (WorkerExit.HUNG, _hang_reason(0, "step 9: gradient sync", waiting=True)),
+            (WorkerExit.HUNG, _hang_reason(2, "step 9: forward/backward", waiting=False)),
+            "WorkerHung",
+        ),
+        (
+            (1, f"plan rank 0: RuntimeError in step 9: gradient sync {WAITING_FOR_PEERS_MARK}: x"),
+            (137, ""),
+            "WorkerFailed",
+        ),
+        (
+            (WorkerExit.HUNG, _hang_reason(0, "step 9: gradient sync", waiting=True)),
+            (1, "local rank 1 was killed by SIGKILL"),
+            "WorkerFailed",
+        ),
+    ],
+    ids=["hang", "crash", "killed-while-a-peer-hung"],
+)
+def test_a_failure_that_waited_for_peers_is_held_until_the_culprit_shows(
+    fallout: tuple[int, str], culprit: tuple[int, str], cause: str
+) -> None:
+    world = running_world()
+    world.fail_pod("job-g1-pool-a-0", exit_code=fallout[0], message=fallout[1])
+    decision = world.reconcile()
+    assert world.status.phase == "Running" and world.status.restarts == 0
+    assert not decision.deletes
+    assert 0 < decision.requeue_after <= PEER_WAIT_SETTLE_SECONDS
+    world.advance(3)
+    world.fail_pod("job-g1-pool-d-0", exit_code=culprit[0], message=culprit[1])
+    world.reconcile()  # both failed now: the culprit is named, though listed second
+    assert world.status.last_failure is not None
+    assert (world.status.last_failure.pod, world.status.last_failure.cause) == (
+        "job-g1-pool-d-0",
+        cause,
+    )
+    assert world.status.phase == "Restarting" and world.status.restarts == 1
+
+
+def test_a_hang_that_waited_for_peers_is_acted_on_when_no_better_report_comes() -> None:
+    world = running_world()
+    world.fail_pod(
+        "job-g1-pool-d-0",
+        exit_code=WorkerExit.HUNG,
+        message=_hang_reason(2, "step 9: gradient sync", waiting=True),
+    )
+    world.reconcile()
+    assert world.status.phase == "Running"
+    world.advance(PEER_WAIT_SETTLE_SECONDS)
+    world.reconcile()
+    assert world.status.last_failure is not None
+    assert world.status.last_failure.pod == "job-g1-pool-d-0"
+    assert world.status.phase == "Restarting" and world.status.restarts == 1
 
 
 def test_failure_rule_can_make_a_failure_free() -> None:

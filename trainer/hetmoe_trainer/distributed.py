@@ -35,6 +35,22 @@ class PlanError(ValueError):
     """The plan or the launch environment cannot work: restarting will not help."""
 
 
+_LOST_PEER_SIGNS = (
+    "Connection closed by peer",  # gloo, the peer's process is gone
+    "Connection reset by peer",
+    "remote process exited",  # NCCL
+    "communicator was aborted",
+)
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether ``error`` is how a collective or a point-to-point transfer fails when
+    another rank died (gloo's and NCCL's wording), rather than this rank's own fault."""
+    return isinstance(error, dist.DistNetworkError) or any(
+        sign in str(error) for sign in _LOST_PEER_SIGNS
+    )
+
+
 @dataclass(frozen=True)
 class DeviceChoice:
     """Where this worker computes and which backend its collectives use."""

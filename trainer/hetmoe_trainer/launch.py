@@ -28,6 +28,7 @@ Usage is torchrun's: ``python -m hetmoe_trainer.launch [torchrun args] -m hetmoe
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -36,11 +37,12 @@ from datetime import timedelta
 
 from torch.distributed import TCPStore
 from torch.distributed.elastic.multiprocessing import SignalException
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
 
 from hetmoe_operator.plan import WorkerExit
+from hetmoe_trainer.termination import record_termination
 
 # Most specific first: a config error explains the others, a node to replace beats
 # an exhausted rollback budget.
@@ -126,11 +128,31 @@ def _report_done(where: RendezvousStore) -> None:
         pass  # the host is gone already: nothing is waiting for this report
 
 
+def _say_who_died(failures: Iterable[ProcessFailure]) -> None:
+    """A worker killed outright (a signal, the OOM killer, ``os._exit``) leaves no line
+    in the termination log, while the workers that fell with it leave theirs, marked as
+    waiting for others; so the agent says it for each such worker, and the operator
+    names this pod. A worker that exited 1 (an exception) or with a hetmoe code spoke
+    for itself; one ended by SIGTERM is a sibling the agent stopped."""
+    for failure in failures:
+        code = failure.exitcode
+        if code in (1, -signal.SIGTERM) or code in _PRIORITY:
+            continue
+        how = f"exited with code {code}"
+        if code < 0:
+            try:
+                how = f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                how = f"was killed by signal {-code}"
+        record_termination(f"local rank {failure.local_rank} {how}")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         run(args)
     except ChildFailedError as error:
         failures = sorted(error.failures.values(), key=lambda f: f.timestamp)
+        _say_who_died(failures)
         return telling_exit_code(f.exitcode for f in failures)
     except SignalException as stop:
         print(

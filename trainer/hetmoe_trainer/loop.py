@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from hetmoe_operator.plan import WorkerExit, replace_node_request
+from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK, WorkerExit, replace_node_request
 from hetmoe_trainer.anomaly import (
     Action,
     AnomalyDetector,
@@ -47,7 +47,7 @@ from hetmoe_trainer.anomaly import (
 )
 from hetmoe_trainer.checkpoint import Checkpointer, training_state
 from hetmoe_trainer.data import SampleStream, batch_tensors, build_source, replica_slice
-from hetmoe_trainer.distributed import ParallelContext, PlanError
+from hetmoe_trainer.distributed import ParallelContext, PlanError, lost_a_peer
 from hetmoe_trainer.gradsync import DEFAULT_BUCKET_BYTES, GradientSync
 from hetmoe_trainer.metrics import (
     MetricsServer,
@@ -325,9 +325,25 @@ class Trainer:
                 last_checkpoint_step=self.checkpointer.last_step,
             )
             return end.code
+        except PlanError:
+            raise  # a configuration error: the entry point reports it (exit 78)
+        except Exception as error:
+            self._record_crash(error)
+            raise
         finally:
             if self.server is not None:
                 self.server.close()
+
+    def _record_crash(self, error: Exception) -> None:
+        """Say why this rank crashed, for the pod's status. A rank whose collective broke
+        because another rank died says it was waiting for others, so the operator names
+        the rank that died first, not the ones that fell with it."""
+        phase, collective = self.watchdog.where()
+        mark = f" {WAITING_FOR_PEERS_MARK}" if collective or lost_a_peer(error) else ""
+        detail = next(iter(str(error).splitlines()), "")
+        record_termination(
+            f"{type(error).__name__} in {phase}{mark}: {detail}", self.context.me.rank
+        )
 
     def _next_batch(self) -> tuple[list[int], bool]:
         due = self.detector.due_batch(self.step)

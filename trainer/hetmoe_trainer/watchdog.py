@@ -11,7 +11,9 @@ the other local workers and the operator restarts the job from the latest checkp
 A rank waiting in a collective is given a little longer
 (:func:`collective_extra_seconds`) than one stuck anywhere else: when one rank wedges
 in a kernel, the others wait for it in their next collective, and the wedged rank,
-reporting first, is the failure the job's status names (pod and node).
+reporting first, is the failure the job's status names (pod and node). A rank that
+gives up inside a collective says so (``plan.WAITING_FOR_PEERS_MARK``), so the
+operator can tell it from the culprit even when it sees that pod first.
 
 The check runs in a Python thread, which needs the GIL: collectives and kernel waits
 release it, a wedged C extension might not. ``faulthandler.dump_traceback_later`` is
@@ -29,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK, WorkerExit
 from hetmoe_trainer.termination import record_termination
 
 log = logging.getLogger(__name__)
@@ -83,13 +85,12 @@ class HangWatchdog:
 
     def beat(self, phase: str) -> None:
         """Progress: a new deadline, ``timeout_s`` from now, for ``phase``."""
-        if self.timeout_s <= 0:
-            return
         now = time.monotonic()
         with self._lock:
             self._deadline, self._since, self._phase = now + self.timeout_s, now, phase
             self._collective = False
-        faulthandler.dump_traceback_later(self.timeout_s + FALLBACK_DELAY_SECONDS, exit=True)
+        if self.timeout_s > 0:
+            faulthandler.dump_traceback_later(self.timeout_s + FALLBACK_DELAY_SECONDS, exit=True)
 
     def phase(self, phase: str, *, collective: bool = False) -> None:
         """Name what the step is doing now, without a new deadline; ``collective``: it
@@ -97,16 +98,23 @@ class HangWatchdog:
         with self._lock:
             self._phase, self._collective = phase, collective
 
+    def where(self) -> tuple[str, bool]:
+        """The phase the step is in now, and whether it waits for other ranks there
+        (tracked even with the deadline off: a crash report names it too)."""
+        with self._lock:
+            return self._phase, self._collective
+
     def _watch(self) -> None:
         while not self._done.wait(min(POLL_SECONDS, self.timeout_s)):
             with self._lock:
                 now = time.monotonic()
                 extra = collective_extra_seconds(self.timeout_s) if self._collective else 0.0
                 late = now > self._deadline + extra
+                waiting = f" {WAITING_FOR_PEERS_MARK}" if self._collective else ""
                 message = (
                     f"no progress for {now - self._since:.0f} s (hang timeout "
-                    f"{self.timeout_s:.0f} s), stuck in {self._phase}: exiting with "
-                    f"{WorkerExit.HUNG} so the job restarts from its latest checkpoint"
+                    f"{self.timeout_s:.0f} s), stuck in {self._phase}{waiting}: exiting "
+                    f"with {WorkerExit.HUNG} so the job restarts from its latest checkpoint"
                 )
             if late:
                 self._on_hang(message)

@@ -56,6 +56,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -126,6 +127,8 @@ class PodState:
     """``Completed`` or ``Error``, as Kubernetes reports a terminated container."""
     message: str = ""
     """What the container wrote to its termination log (the trainer: why it ended)."""
+    finished_at: datetime | None = None
+    """When the process was first seen to have exited (a kubelet's ``finishedAt``)."""
 
 
 @dataclass(frozen=True)
@@ -464,6 +467,7 @@ class _Running:
     pod: LocalPod
     process: subprocess.Popen[bytes]
     termination_log: Path
+    finished_at: datetime | None = None
 
 
 @dataclass
@@ -526,11 +530,13 @@ class LocalExecutor:
                 states.append(PodState(name, "Running"))
                 continue
             _signal_group(entry.process.pid, signal.SIGKILL)
+            if entry.finished_at is None:
+                entry.finished_at = datetime.now(UTC)
             exit_code = 128 - code if code < 0 else code
             phase: PodPhase = "Succeeded" if exit_code == 0 else "Failed"
             reason = "Completed" if exit_code == 0 else "Error"
             message = _read_head(entry.termination_log, TERMINATION_MESSAGE_BYTES)
-            states.append(PodState(name, phase, exit_code, reason, message))
+            states.append(PodState(name, phase, exit_code, reason, message, entry.finished_at))
         return states
 
     def delete(

@@ -137,6 +137,7 @@ def _pod_view(pod: _Pod, state: PodState | None) -> dict[str, Any]:
                 "exitCode": state.exit_code,
                 "reason": state.reason,
                 "message": state.message,
+                "finishedAt": rfc3339(state.finished_at) if state.finished_at else None,
             }
         }
     return {

@@ -255,6 +255,10 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
     expected = _expected_pod_names(run, spec)
     found = failures.detect(current, expected, obs.nodes)
     if found:
+        hold = failures.settle_seconds(found[0], current, obs.now)
+        if hold > 0:
+            run.requeue(hold)
+            return
         _handle_failure(run, spec, found[0], current)
         return
     if current and all(p.phase == "Succeeded" for p in current) and len(current) >= len(expected):

@@ -18,7 +18,11 @@ from datetime import datetime, timedelta
 
 from hetmoe_operator.api.job import FailureAction, FailureRule
 from hetmoe_operator.api.status import MoEJobStatus
-from hetmoe_operator.plan import WorkerExit, parse_replace_node_request
+from hetmoe_operator.plan import (
+    WAITING_FOR_PEERS_MARK,
+    WorkerExit,
+    parse_replace_node_request,
+)
 from hetmoe_operator.reconcile.observe import PodObs, parse_time
 
 NODE_LOST = "NodeLost"
@@ -72,6 +76,16 @@ class Failure:
     orderly: bool = False
     """Stopped from outside, with the rest of the gang stopping in order (see
     :func:`detect`): every rank saves a checkpoint after the same step on the way out."""
+    finished_at: datetime | None = None
+    """When the failed container ended, if it did."""
+
+    @property
+    def waited_for_peers(self) -> bool:
+        """Every rank of this pod said it ended waiting for other workers (a hang inside a
+        collective, or a collective broken by a peer that died): another worker is the
+        likelier culprit (``plan.WAITING_FOR_PEERS_MARK``)."""
+        lines = [line for line in self.message.splitlines() if line.strip()]
+        return bool(lines) and all(WAITING_FOR_PEERS_MARK in line for line in lines)
 
 
 @dataclass(frozen=True)
@@ -111,6 +125,7 @@ def detect(
                     pod.reason or "Error",
                     pod.message,
                     orderly=pod.exit_code in STOPPED_EXITS,
+                    finished_at=pod.finished_at,
                 )
             )
         elif pod.node and pod.phase != "Succeeded" and not nodes.get(pod.node, False):
@@ -131,9 +146,35 @@ def detect(
         if name not in by_name:
             gone.append(Failure(name, "", None, DELETED, "the pod disappeared"))
     # When one worker fails, the others fail too, a moment later, on the broken
-    # collective (exit 1): a worker's own verdict (78, 86, 87, 89...) says more.
-    exits.sort(key=lambda f: f.exit_code not in TELLING_EXITS)
+    # collective: a worker that did not end waiting for others is the likelier
+    # culprit, and a worker's own verdict (78, 86, 87, 89...) says more than an exit 1.
+    exits.sort(key=lambda f: (f.waited_for_peers, f.exit_code not in TELLING_EXITS))
     return exits + lost + gone
+
+
+PEER_WAIT_SETTLE_SECONDS = 15.0
+"""How long a failure that waited for peers is held while other workers still run.
+
+The culprit ends first (a crashed rank breaks its peers' collectives; a wedged rank's
+watchdog fires at least 2 s before theirs, the trainer's
+``watchdog.collective_extra_seconds``), but its pod's exit can reach the API later
+than theirs (the torchrun agents' shutdowns, the kubelets' status syncs race). A few
+seconds, against the restart that follows, buy the right pod on the status."""
+
+
+def settle_seconds(failure: Failure, pods: Sequence[PodObs], now: datetime) -> float:
+    """How long to hold ``failure`` before acting on it, 0 to act now.
+
+    Only a failure that waited for peers is held, and only while another worker of the
+    generation still runs, for up to :data:`PEER_WAIT_SETTLE_SECONDS` after its pod
+    ended: the culprit's own report is probably on its way. Any other failure is acted
+    on at once."""
+    if not failure.waited_for_peers or failure.finished_at is None:
+        return 0.0
+    if not any(p.phase == "Running" and not p.deleting and p.name != failure.pod for p in pods):
+        return 0.0
+    held = (now - failure.finished_at).total_seconds()
+    return max(0.0, PEER_WAIT_SETTLE_SECONDS - held)
 
 
 def _node_to_replace(pod: PodObs, pods: Sequence[PodObs]) -> PodObs:

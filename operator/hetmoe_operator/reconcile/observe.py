@@ -38,6 +38,8 @@ class PodObs:
     unschedulable: str = ""
     """The scheduler's message while it cannot place the pod (PodScheduled=False,
     reason Unschedulable), e.g. ``0/8 nodes are available: 8 Insufficient cpu``."""
+    finished_at: datetime | None = None
+    """When the failed container ended (its ``terminated.finishedAt``)."""
 
     @property
     def deleting(self) -> bool:
@@ -63,10 +65,11 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
     except (KeyError, ValueError):
         return None
     status = pod.get("status") or {}
-    exit_code, reason, message = (
+    exit_code, reason, message, finished_at = (
         None,
         str(status.get("reason") or ""),
         str(status.get("message") or ""),
+        None,
     )
     for container in status.get("containerStatuses") or ():
         terminated = (container.get("state") or {}).get("terminated")
@@ -74,6 +77,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
             exit_code = int(terminated["exitCode"])
             reason = str(terminated.get("reason") or reason or "Error")
             message = str(terminated.get("message") or message)
+            finished_at = parse_time(terminated.get("finishedAt"))
             break
         if terminated and exit_code is None:
             exit_code = int(terminated.get("exitCode") or 0)
@@ -100,6 +104,7 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         deletion_deadline=parse_time(meta.get("deletionTimestamp")),
         ip=str(status.get("podIP") or ""),
         unschedulable=unschedulable,
+        finished_at=finished_at,
     )
 
 

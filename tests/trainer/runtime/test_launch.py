@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from torch.distributed.run import get_args_parser
 
 from hetmoe_operator.plan import WorkerExit
 from hetmoe_trainer.launch import RendezvousStore, rendezvous_store, telling_exit_code
+from hetmoe_trainer.termination import TERMINATION_LOG_ENV
 
 
 @pytest.mark.parametrize(
@@ -31,30 +33,57 @@ def test_hetmoe_codes_win_over_ordinary_failures(codes: list[int], expected: int
     assert telling_exit_code(codes) == expected
 
 
-def test_a_real_torchrun_agent_exits_with_the_workers_replace_node_code(tmp_path: Path) -> None:
+LAUNCH_ONE_NODE = (
+    sys.executable,
+    "-m",
+    "hetmoe_trainer.launch",
+    "--standalone",
+    "--nproc-per-node=2",
+)
+
+
+def _launch_two_workers(
+    tmp_path: Path, source: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """The wrapper on one node, running ``source`` as two local workers."""
     worker = tmp_path / "worker.py"
-    worker.write_text(
-        textwrap.dedent(
-            f"""
-            import os, sys
-            sys.exit({WorkerExit.REPLACE_NODE} if os.environ["LOCAL_RANK"] == "1" else 1)
-            """
-        )
-    )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hetmoe_trainer.launch",
-            "--standalone",
-            "--nproc-per-node=2",
-            str(worker),
-        ],
+    worker.write_text(textwrap.dedent(source))
+    return subprocess.run(
+        [*LAUNCH_ONE_NODE, str(worker)],
         capture_output=True,
         text=True,
         timeout=180,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_a_real_torchrun_agent_exits_with_the_workers_replace_node_code(tmp_path: Path) -> None:
+    result = _launch_two_workers(
+        tmp_path,
+        f"""
+        import os, sys
+        sys.exit({WorkerExit.REPLACE_NODE} if os.environ["LOCAL_RANK"] == "1" else 1)
+        """,
     )
     assert result.returncode == WorkerExit.REPLACE_NODE, result.stderr[-2000:]
+
+
+def test_the_agent_says_which_worker_died_without_a_word(tmp_path: Path) -> None:
+    """Local rank 1 vanishes (as after the OOM killer); rank 0, which the agent then
+    stops with SIGTERM, is not named."""
+    log = tmp_path / "termination-log"
+    result = _launch_two_workers(
+        tmp_path,
+        """
+        import os, time
+        if os.environ["LOCAL_RANK"] == "1":
+            os._exit(137)
+        time.sleep(60)
+        """,
+        env={TERMINATION_LOG_ENV: str(log)},
+    )
+    assert result.returncode == 137, result.stderr[-2000:]
+    assert log.read_text().splitlines() == ["local rank 1 exited with code 137"]
 
 
 # The wrapper with the agent's rendezvous shutdown delayed by argv[1] seconds, as a

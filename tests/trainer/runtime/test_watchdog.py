@@ -9,19 +9,26 @@ from pathlib import Path
 from plan_factory import make_plan
 
 from conftest import records, run_torchrun
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK, WorkerExit
 from hetmoe_trainer.watchdog import HangWatchdog
 
 
+class _Reports:
+    """Records what the watchdog would exit with, instead of exiting."""
+
+    def __init__(self) -> None:
+        self.messages: list[str] = []
+        self.fired = threading.Event()
+
+    def __call__(self, message: str) -> None:
+        self.messages.append(message)
+        self.fired.set()
+
+
 def test_beats_keep_it_quiet_and_a_missed_deadline_names_the_phase() -> None:
-    hung: list[str] = []
-    fired = threading.Event()
-
-    def on_hang(message: str) -> None:
-        hung.append(message)
-        fired.set()
-
-    with HangWatchdog(0.5, on_hang=on_hang) as watchdog:
+    reports = _Reports()
+    hung, fired = reports.messages, reports.fired
+    with HangWatchdog(0.5, on_hang=reports) as watchdog:
         for step in range(6):  # 1.2 s of steps, each well inside the deadline
             watchdog.beat(f"step {step}")
             time.sleep(0.2)
@@ -30,6 +37,16 @@ def test_beats_keep_it_quiet_and_a_missed_deadline_names_the_phase() -> None:
         assert fired.wait(5)
     assert len(hung) == 1
     assert "stuck in step 6: gradient sync" in hung[0] and str(WorkerExit.HUNG) in hung[0]
+    assert WAITING_FOR_PEERS_MARK not in hung[0], "not marked as a collective"
+
+
+def test_a_rank_that_gives_up_in_a_collective_says_it_was_waiting_for_others() -> None:
+    reports = _Reports()
+    with HangWatchdog(0.2, on_hang=reports) as watchdog:
+        watchdog.beat("step 1")
+        watchdog.phase("step 1: statistics all-reduce", collective=True)
+        assert reports.fired.wait(10)
+    assert "stuck in step 1: statistics all-reduce " + WAITING_FOR_PEERS_MARK in reports.messages[0]
 
 
 def test_a_zero_timeout_starts_no_thread() -> None:
