@@ -689,6 +689,42 @@ def test_scale_up_grows_a_running_job_once_capacity_returns_after_the_window() -
     assert world.status.generation == 2, "maxNodes reached: no further growth"
 
 
+def test_scale_up_starts_the_new_gang_only_once_the_old_one_has_saved_and_gone() -> None:
+    """New pods on nodes of their own would start at once and resume from the checkpoint
+    before the one the old gang is writing."""
+    import functools
+
+    from tests.operator.fakes import node
+
+    planner = functools.partial(fake_planner, nodes_per_pool=2)
+    job = spec(elastic={"scaleUp": True, "scaleUpStabilizationSeconds": 60})
+    world = World(job, [node("a0", "pool-a", "A"), node("d0", "pool-d", "D")], planner=planner)
+    world.settle(3)
+    world.linger = True  # deleted pods stay Terminating while their trainers save
+    world.nodes["a1"] = node("a1", "pool-a", "A")
+    world.nodes["d1"] = node("d1", "pool-d", "D")
+    world.advance(61)
+    world.reconcile()
+    assert world.status.generation == 2 and world.status.phase == "Restarting"
+    for _ in range(3):
+        world.kwok()
+        world.advance(2)
+        decision = world.reconcile()
+        assert not [n for n in world.pods if "-g2-" in n], "no new pod while the old gang saves"
+        assert 0 < decision.requeue_after <= DELETE_POLL_SECONDS
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert ready.reason == "WorkersStopping" and "saving a checkpoint" in ready.message
+    world.finish_terminating()
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.restarts == 0
+    assert sorted(world.live_pods()) == [
+        "job-g2-pool-a-0",
+        "job-g2-pool-a-1",
+        "job-g2-pool-d-0",
+        "job-g2-pool-d-1",
+    ]
+
+
 def test_scale_up_looks_for_capacity_at_most_once_per_window() -> None:
     import functools
 

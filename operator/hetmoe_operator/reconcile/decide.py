@@ -251,7 +251,12 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
     """A launched generation: detect failures, success, or all-Running."""
     status, obs = run.status, run.obs
     current = [p for p in obs.pods if p.generation == status.generation]
-    run.stop([p for p in obs.pods if p.generation < status.generation])
+    older = [p for p in obs.pods if p.generation < status.generation]
+    if not current and _scaling_up(run) and obs.plan is not None:
+        # A scale-up waits for the old gang to save and go (see _launch), then launches.
+        _launch(run, spec, obs.plan, obs.plan_generation, status.generation, save_old=True)
+        return
+    run.stop(older)
     expected = _expected_pod_names(run, spec)
     found = failures.detect(current, expected, obs.nodes)
     if found:
@@ -437,18 +442,7 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
     """
     obs = run.obs
     old = [p for p in obs.pods if p.generation <= run.status.generation]
-    saving = _resuming(run) or _after_orderly_stop(run)
-    run.stop(old, save=saving)
-    stopping = _live(old) if saving else []
-    if stopping:
-        run.cond(
-            "Ready",
-            "False",
-            "WorkersStopping",
-            f"workers of generation {max(p.generation for p in stopping)} are still stopping "
-            "(saving a checkpoint); the next generation starts when they are gone",
-        )
-        run.requeue(DELETE_POLL_SECONDS)
+    if _stop_old(run, old, save=_resuming(run) or _after_orderly_stop(run)):
         return
     if run.status.restart_after:
         after = parse_time(run.status.restart_after)
@@ -509,6 +503,34 @@ def _resuming(run: _Pass) -> bool:
     )
 
 
+def _stop_old(run: _Pass, old: Sequence[PodObs], *, save: bool) -> bool:
+    """Stop an older generation's pods; with ``save`` they keep their grace period to
+    save a checkpoint, and the next generation waits while any still runs (it must
+    resume from that save). Returns whether it waits."""
+    run.stop(old, save=save)
+    stopping = _live(old) if save else []
+    if stopping:
+        run.cond(
+            "Ready",
+            "False",
+            "WorkersStopping",
+            f"workers of generation {max(p.generation for p in stopping)} are still stopping "
+            "(saving a checkpoint); the next generation starts when they are gone",
+        )
+        run.requeue(DELETE_POLL_SECONDS)
+    return bool(stopping)
+
+
+def _scaling_up(run: _Pass) -> bool:
+    """Whether the recorded generation was started by a scale-up (``_maybe_scale_up``)
+    and has not been running since."""
+    restarting = condition(run.status.conditions, "Restarting")
+    return restarting is not None and (restarting.status, restarting.reason) == (
+        "True",
+        "ScaledUp",
+    )
+
+
 def _after_orderly_stop(run: _Pass) -> bool:
     """Whether the current generation ended in an orderly stop (``failures.detect``)
     that the default rules turned into a restart."""
@@ -540,33 +562,35 @@ def _launch(
     """Create (the missing) pods of ``generation`` and record it in status.
 
     ``save_old``: the older generation is a healthy gang (a scale-up), so its pods keep
-    their grace period to save a checkpoint. The new pods that land on its nodes stay
-    Pending until it is gone, and the new gang cannot rendezvous before they start, so
-    it resumes from that save."""
+    their grace period to save a checkpoint, and the new pods are created only once
+    they are gone: new pods on other nodes would otherwise start at once, resume from
+    the checkpoint before, and train alongside the old gang's save."""
     obs = run.obs
     run.update(plan_generation=plan_generation)
     existing = {p.name for p in obs.pods}
     run.creates.append(rendezvous_service(obs.job, run.env.config.worker_ports))
     pods = worker_pods(plan, _pod_context(run, spec, plan, generation))
-    if spec.scheduling.gang == "coscheduling":
-        run.creates.append(pod_group(obs.job, generation, len(pods)))
-        if generation > 1:  # the last generation's gang: its pods are bound or stopping
-            previous = pod_group_name(obs.job.name, generation - 1)
-            run.deletes.append(Delete(previous, kind="PodGroup"))
-    run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
-    run.stop([p for p in obs.pods if p.generation < generation], save=save_old)
+    saving = _stop_old(run, [p for p in obs.pods if p.generation < generation], save=save_old)
+    if not saving:
+        if spec.scheduling.gang == "coscheduling":
+            run.creates.append(pod_group(obs.job, generation, len(pods)))
+            if generation > 1:  # the last generation's gang: its pods are bound or stopping
+                previous = pod_group_name(obs.job.name, generation - 1)
+                run.deletes.append(Delete(previous, kind="PodGroup"))
+        run.creates.extend(p for p in pods if p["metadata"]["name"] not in existing)
     name = plan_config_map_name(obs.job.name)
     summary = f"{grades_column(plan)}: {plan.world_size} ranks on {len(pods)} nodes"
     if planned:
         run.cond("Planned", "True", "PlanReady", f"plan generation {plan_generation}: {summary}")
     elif condition(run.status.conditions, "Planned") is None:
         run.cond("Planned", "True", "PlanKept", f"plan generation {plan_generation}: {summary}")
-    run.cond(
-        "Ready",
-        "False",
-        "WorkersCreating",
-        f"generation {generation}: creating {len(pods)} worker pods",
-    )
+    if not saving:
+        run.cond(
+            "Ready",
+            "False",
+            "WorkersCreating",
+            f"generation {generation}: creating {len(pods)} worker pods",
+        )
     run.update(
         generation=generation,
         plan=plan_status(plan, name),
