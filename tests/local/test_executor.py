@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from hetmoe_operator.desired.names import JobRef
 from hetmoe_operator.desired.worker import PodContext, worker_pods
 from hetmoe_operator.local.executor import (
     SLOWDOWN_ENV,
+    THREADS_ENV,
     LocalExecutor,
     LocalPod,
     TranslationError,
@@ -181,6 +183,24 @@ def test_slowdown_comes_from_the_catalog(
     assert 1.5 <= slowdowns["slow"] <= 2.0
     by_pool = {pod.env["HETMOE_POOL"]: pod.env[SLOWDOWN_ENV] for pod in translated}
     assert by_pool == {"fast": "1", "slow": f"{slowdowns['slow']:g}"}
+
+
+def test_each_pod_gets_its_share_of_the_cores(
+    tmp_path: Path, local_cluster: ClusterDescription, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun pins one thread per worker only for several workers per node; local
+    pods share one machine, so every pod is given its share (2 pods x 2 workers here)."""
+    manifests = _manifests(local_cluster)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [pod.env[THREADS_ENV] for pod in translate(manifests, tmp_path, local_cluster)] == [
+        "2",
+        "2",
+    ]
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert {pod.env[THREADS_ENV] for pod in translate(manifests, tmp_path, local_cluster)} == {"1"}
+    container = next(m for m in manifests if m["kind"] == "Pod")["spec"]["containers"][0]
+    container["env"].append({"name": THREADS_ENV, "value": "3"})
+    assert translate(manifests, tmp_path, local_cluster)[0].env[THREADS_ENV] == "3"
 
 
 def test_empty_dir_is_per_pod_and_unknown_volumes_are_refused(

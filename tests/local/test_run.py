@@ -13,7 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import yaml
 from tests.local.conftest import (
+    LOCAL_CLUSTER,
     REPO,
     RUN_TIMEOUT,
     RunResult,
@@ -116,6 +118,43 @@ def test_an_injected_hang_is_ended_by_the_watchdog_and_the_job_restarts(
     clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
     assert hung["step"] == clean["step"] == 16
     assert hung["loss"] == clean["loss"]
+
+
+def test_a_persistent_straggler_gets_its_node_replaced_and_the_job_finishes_without_it(
+    tmp_path: Path,
+) -> None:
+    """Three one-device nodes, a plan on two; rank 1 is slowed from step 2 on. Every rank
+    saves and exits 86 naming rank 1's node; the job names that pod and node and resumes
+    from the exit step (that the next plan avoids the node: test_reconcile)."""
+    cluster = yaml.safe_load(LOCAL_CLUSTER.read_text())
+    cluster["pools"] = [{"name": "fast", "grade": "sim-fast", "nodes": 3, "devicesPerNode": 1}]
+    cluster_path = tmp_path / "three-nodes.yaml"
+    cluster_path.write_text(yaml.safe_dump(cluster))
+    job = write_job(tmp_path, name="tiny-slow", steps=16, interval=100, backoff=0)
+    manifest = yaml.safe_load(job.read_text())
+    manifest["spec"]["elastic"]["maxNodes"] = 2
+    manifest["spec"]["training"]["anomaly"] = {
+        "window": 8,
+        "stragglerFactor": 1.5,
+        "stragglerPatience": 3,
+    }
+    job.write_text(yaml.safe_dump(manifest))
+    run_dir = tmp_path / "run"
+    argv = hetmoe_argv(
+        job, run_dir, "--inject-fault", "kind=slow,rank=1,step=2,seconds=1.5", cluster=cluster_path
+    )
+    result = run_hetmoe(argv, run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    final = _final_line(result)
+    assert "phase=Succeeded" in final and "restarts=1" in final, final
+    assert "event ReplaceNode" in result.stdout, result.stdout
+    steps = [
+        int(line.split('"step": ')[1].split(",")[0]) for line in _lines(run_dir / "checkpoints")
+    ]
+    assert steps == list(range(1, 17)), "resumed from the exit step: none lost or replayed"
+    # Whichever pod's exit was seen first, the straggler's pod and node are named.
+    assert "pod tiny-slow-g1-fast-1 on node fast-1 exited with code 86" in result.stdout
+    assert "(replace node: pool=fast slot=1)" in result.stdout
 
 
 def _trainer_workers(root: int) -> list[int]:

@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast, get_args
 
 from rich.console import Console
 
@@ -24,7 +24,7 @@ from hetmoe_operator.errors import UserError
 from hetmoe_operator.local.display import Display
 from hetmoe_operator.local.executor import simulated_slowdowns
 from hetmoe_operator.local.summary import PLOT_FILE, RunSummary, plot_history, summary_table
-from hetmoe_operator.local.supervisor import FaultInjection, Supervisor
+from hetmoe_operator.local.supervisor import FaultInjection, FaultKind, Supervisor
 from hetmoe_operator.local.telemetry import latest_checkpoint, list_checkpoints, read_train_log
 from hetmoe_operator.plan import Plan
 
@@ -32,6 +32,8 @@ DEFAULT_CLUSTER = Path("examples/clusters/local.yaml")
 RUN_DIR_ENTRIES = frozenset({"checkpoints", "configmaps", "logs", "pods", "prometheus", PLOT_FILE})
 """What a run directory holds: the checkpoint volume, the plan ConfigMap, worker logs,
 emptyDir volumes, Prometheus targets and the plot."""
+FAULT_SYNTAX = "[kind=crash|hang|slow,]rank=R,step=S[,seconds=X]"
+"""What ``--inject-fault`` accepts; ``seconds`` only with ``kind=slow``."""
 
 
 def register(subparsers: Any) -> None:
@@ -53,9 +55,12 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--inject-fault",
-        metavar="[kind=crash|hang,]rank=R,step=S",
+        metavar=FAULT_SYNTAX,
         help="crash plan rank R at step S, once, to watch an elastic restart; kind=hang "
-        "blocks it instead, until the hang watchdog (elastic.hangTimeoutSeconds) fires",
+        "blocks it instead, until the hang watchdog (elastic.hangTimeoutSeconds) fires; "
+        "kind=slow delays each of its steps from S on by X seconds (default 1) in the "
+        "first generation, until the straggler check "
+        "(training.anomaly.stragglerPatience) replaces its node",
     )
     parser.add_argument(
         "--fresh", action="store_true", help="delete the run directory first (no resume)"
@@ -64,21 +69,28 @@ def register(subparsers: Any) -> None:
 
 
 def parse_fault(text: str) -> FaultInjection:
-    """``[kind=crash|hang,]rank=R,step=S`` (any order) into a fault; anything else is a
-    UserError."""
+    """:data:`FAULT_SYNTAX` (any order) into a fault; anything else is a UserError."""
     items = [part.partition("=")[::2] for part in text.split(",")]
     parts = dict(items)
     kind = parts.pop("kind", "crash")
+    seconds = parts.pop("seconds", "1") if kind == "slow" else "1"
     if (
         len(set(key for key, _ in items)) != len(items)  # a key given twice
         or sorted(parts) != ["rank", "step"]
-        or kind not in ("crash", "hang")
+        or kind not in get_args(FaultKind)
         or not all(re.fullmatch(r"\d+", v) for v in parts.values())
+        or not re.fullmatch(r"\d+(\.\d*)?", seconds)
     ):
         raise UserError(
-            f"--inject-fault {text!r}: expected [kind=crash|hang,]rank=R,step=S with whole numbers"
+            f"--inject-fault {text!r}: expected {FAULT_SYNTAX} with whole numbers "
+            "(seconds may have decimals)"
         )
-    return FaultInjection(rank=int(parts["rank"]), step=int(parts["step"]), kind=kind)
+    return FaultInjection(
+        rank=int(parts["rank"]),
+        step=int(parts["step"]),
+        kind=cast(FaultKind, kind),
+        seconds=float(seconds),
+    )
 
 
 def cluster_file(job_file: Path, explicit: Path | None) -> Path:

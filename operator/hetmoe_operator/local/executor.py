@@ -35,6 +35,11 @@ The translation, applied to every worker Pod (``translate_pod``):
 * **Simulated grades.** ``HETMOE_SIMULATED_SLOWDOWN`` is added to every pod's env
   (see :func:`simulated_slowdowns`); on Kubernetes the hardware is real and the
   variable is never set.
+* **CPU share.** A pod on Kubernetes has CPUs of its own; local workers share this
+  machine's cores. Every pod gets ``OMP_NUM_THREADS`` = cores // the launch's worker
+  processes (at least 1) unless its manifest sets it: torchrun sets 1 only when a
+  node runs several workers, and two one-worker pods each spinning two OpenMP threads
+  on two cores ran their steps 100x slower.
 
 Processes are started in their own session, so a pod is a process group: stopping a
 pod signals the whole group (torchrun and its workers), as a container runtime kills
@@ -64,6 +69,7 @@ from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription
 
 SLOWDOWN_ENV = "HETMOE_SIMULATED_SLOWDOWN"
+THREADS_ENV = "OMP_NUM_THREADS"
 TERMINATION_LOG_ENV = "HETMOE_TERMINATION_LOG"
 """Where the trainer writes why it ended (``hetmoe_trainer.termination``)."""
 TERMINATION_MESSAGE_BYTES = 4096
@@ -376,6 +382,7 @@ def translate_pod(
     network: NetworkMap,
     run_dir: Path,
     slowdowns: Mapping[str, float],
+    threads: int = 1,
 ) -> LocalPod:
     """Turn one worker Pod manifest into a local process description (see module doc)."""
     metadata = pod["metadata"]
@@ -419,6 +426,7 @@ def translate_pod(
     pool = env.get("HETMOE_POOL", metadata.get("labels", {}).get("hetmoe.io/pool", ""))
     if pool in slowdowns:
         env[SLOWDOWN_ENV] = f"{slowdowns[pool]:g}"
+    env.setdefault(THREADS_ENV, str(threads))
 
     metrics_bases = sorted(own_ports.values())
     span = _nproc_per_node(argv)
@@ -453,7 +461,12 @@ def translate(
         for path, per_pod in _volume_dirs(pod, run_dir).values():
             if not per_pod:
                 path.mkdir(parents=True, exist_ok=True)
-    return [translate_pod(pod, services, network, run_dir, slowdowns) for pod in pods]
+    workers = sum(
+        _nproc_per_node([*_container(pod).get("command", []), *_container(pod).get("args", [])])
+        for pod in pods
+    )
+    threads = max(1, (os.cpu_count() or 1) // max(1, workers))
+    return [translate_pod(pod, services, network, run_dir, slowdowns, threads) for pod in pods]
 
 
 def host_path(pod: Mapping[str, Any], container_path: str, run_dir: Path) -> Path:

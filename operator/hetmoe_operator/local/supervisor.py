@@ -82,18 +82,24 @@ SCRAPE_TARGETS = "prometheus/targets.json"
 """Run-directory file listing the trainer metrics endpoints (Prometheus file_sd format)."""
 
 
+FaultKind = Literal["crash", "hang", "slow"]
+
+
 @dataclass(frozen=True)
 class FaultInjection:
-    """Crash (or hang) one plan rank at one step, once (the first generation this run
-    starts)."""
+    """Crash, hang or slow down one plan rank from one step on, in the first generation
+    this run starts only."""
 
     rank: int
     step: int
-    kind: Literal["crash", "hang"] = "crash"
+    kind: FaultKind = "crash"
+    seconds: float = 1.0
+    """``slow``: the delay added to each of the rank's steps."""
 
     def trainer_spec(self) -> str:
         """The trainer's fault syntax."""
-        return f"kind={self.kind},step={self.step},rank={self.rank}"
+        delay = f",seconds={self.seconds:g}" if self.kind == "slow" else ""
+        return f"kind={self.kind},step={self.step},rank={self.rank}{delay}"
 
 
 @dataclass
