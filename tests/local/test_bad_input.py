@@ -70,7 +70,7 @@ def _cases(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "more ranks than this machine runs": (crowded_argv, "worker processes"),
         "bad fault spec": (
             hetmoe_argv(TINY_JOB, run_dir, "--inject-fault", "rank=x"),
-            "rank=R,step=S with whole numbers",
+            "rank=R,step=S[,seconds=X] with whole numbers",
         ),
         "missing cluster file": (
             [*hetmoe_argv(TINY_JOB, run_dir)[:-2], "--cluster", str(tmp_path / "none.yaml")],

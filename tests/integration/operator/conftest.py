@@ -243,12 +243,17 @@ def node_grade(client: ApiClient, node: str) -> str:
     return str(labels["hetmoe.io/accelerator"])
 
 
-def fail_pod(plane: ControlPlane, namespace: str, pod: str, exit_code: int = 1) -> None:
-    """kwok chaos stage: the container of a Running pod fails with ``exit_code``."""
+def fail_pod(
+    plane: ControlPlane, namespace: str, pod: str, exit_code: int = 1, message: str = ""
+) -> None:
+    """kwok chaos stage: the container of a Running pod fails with ``exit_code`` (and
+    ``message`` as its termination message)."""
     key = "pod-container-running-failed.stage.kwok.x-k8s.io"
-    plane.kubectl(
-        "-n", namespace, "annotate", "--overwrite", "pod", pod, f"{key}/exit-code={exit_code}"
-    )
+    annotations = [f"{key}/exit-code={exit_code}"]
+    if message:
+        # kwok pastes it into a YAML template unquoted: a JSON string is a quoted YAML one.
+        annotations.append(f"{key}/message={json.dumps(message)}")
+    plane.kubectl("-n", namespace, "annotate", "--overwrite", "pod", pod, *annotations)
     plane.kubectl("-n", namespace, "label", "--overwrite", "pod", pod, f"{key}=true")
 
 

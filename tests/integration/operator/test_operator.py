@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from kubernetes.client import ApiClient, CoreV1Api
 
+from hetmoe_operator.plan import WorkerExit, replace_node_request
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.topology import Topology, node_manifest, wait_nodes_ready
 from tests.integration.operator.conftest import (
@@ -98,6 +99,50 @@ def test_pod_failure_restarts_once_with_the_cause_in_status(
     ).stdout
     assert "WorkerFailed" in events and "PlanKept" in events
     delete_job(kube_api, namespace, "flaky")
+
+
+def test_a_straggler_exit_seen_on_another_pod_replaces_the_straggler_node(
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
+    """Every rank exits 86 naming the straggler's place in the plan; the first pod the
+    operator sees is another one, and the straggler's node is still the one left out."""
+    running_job(
+        kube_api,
+        namespace,
+        "slowpoke",
+        pools=[{"name": "pool-a"}],
+        # 16 sequences: one replica per device of two pool-a nodes (pool-a has three).
+        training={"steps": 40, "globalBatchSize": 16, "sequenceLength": 64},
+        elastic={"maxRestarts": 3, "backoffSeconds": 0, "maxNodes": 2},
+    )
+    pods = sorted(
+        current_pods(kube_api, namespace, "slowpoke", 1),
+        key=lambda p: int(p["metadata"]["labels"]["hetmoe.io/node-slot"]),
+    )
+    assert len(pods) == 2
+    reporter, straggler = pods
+    slot = straggler["metadata"]["labels"]["hetmoe.io/node-slot"]
+    fail_pod(
+        control_plane,
+        namespace,
+        reporter["metadata"]["name"],
+        exit_code=WorkerExit.REPLACE_NODE,
+        message=f"plan rank 0: rank 9 (pool-a node {slot}) straggled for 20 steps; "
+        + replace_node_request("pool-a", int(slot)),
+    )
+    status = wait_phase(kube_api, namespace, "slowpoke", "Running", timeout=90, generation=2)
+    failure = status["lastFailure"]
+    assert (failure["pod"], failure["node"], failure["cause"], failure["exitCode"]) == (
+        straggler["metadata"]["name"],
+        straggler["spec"]["nodeName"],
+        "ReplaceNode",
+        WorkerExit.REPLACE_NODE,
+    )
+    assert status["excludedNodes"] == [straggler["spec"]["nodeName"]]
+    placed = {p["spec"]["nodeName"] for p in current_pods(kube_api, namespace, "slowpoke", 2)}
+    assert len(placed) == 2 and straggler["spec"]["nodeName"] not in placed
+    assert reporter["spec"]["nodeName"] in placed, "the reporting pod's node stays usable"
+    delete_job(kube_api, namespace, "slowpoke")
 
 
 def test_exceeding_max_restarts_fails_with_the_cause(
