@@ -469,7 +469,12 @@ def parse_replace_node_request(message: str) -> tuple[str, int] | None:
     return (found.group(1), int(found.group(2))) if found else None
 
 
+TERMINATION_LOG_ENV: Final = "HETMOE_TERMINATION_LOG"
+"""Where a worker writes why it ended when not at Kubernetes' ``/dev/termination-log``
+(``hetmoe_trainer.termination``; local mode sets it per pod)."""
+
 WAITING_FOR_PEERS_MARK: Final = "(waiting for other ranks)"
-"""Carried by the reason of a ``WorkerExit.HUNG`` worker that was stuck in a
-collective: it was waiting for a peer, which is the likelier culprit, so the operator
-names a worker stuck elsewhere when it sees one (``reconcile.failures``)."""
+"""Carried by the reason of a worker that ended waiting for others: a hang inside a
+collective, or a collective or transfer broken by a peer that died. Another worker is
+the likelier culprit, so the operator names one without the mark when it sees one
+(``reconcile.failures``)."""

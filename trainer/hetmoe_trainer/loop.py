@@ -471,16 +471,21 @@ class Trainer:
             self._stop_with_checkpoint()
 
     def _stop_with_checkpoint(self) -> None:
-        """Every rank saw a stop request this step: checkpoint it (unless that would
-        break a rollback, as above) and end with ``WorkerExit.STOPPED``."""
+        """Every rank saw a stop request this step: checkpoint it and end with
+        ``WorkerExit.STOPPED``."""
+        raise self._stopped(self._save_final_step())
+
+    def _save_final_step(self) -> str:
+        """Checkpoint the step the run ends at, unless that would break a rollback (as
+        above); says which happened."""
         if self.detector.consecutive_skips:
-            raise self._stopped(
+            return (
                 f"inside a streak of skipped steps, so the last checkpoint "
                 f"(step {self.checkpointer.last_step}) is kept for a rollback"
             )
         if self.checkpointer.last_step != self.step:
             self.save()
-        raise self._stopped(f"checkpoint saved at step {self.step}")
+        return f"checkpoint saved at step {self.step}"
 
     def _stopped(self, detail: str) -> TrainingExit:
         by = self.stop.signal.name if self.stop.signal else "another rank"
@@ -564,13 +569,7 @@ class Trainer:
         }
         self.detector.record(self.step, "straggler", json.dumps(info))
         self._report(straggler=info, anomalies=self.detector.counts, events=self.detector.events)
-        # The job is healthy, only slow: keep its steps (the rule of a stop applies).
-        if self.detector.consecutive_skips:
-            kept = f"checkpoint of step {self.checkpointer.last_step} kept for a rollback"
-        else:
-            if self.checkpointer.last_step != self.step:
-                self.save()
-            kept = f"checkpoint saved at step {self.step}"
+        kept = self._save_final_step()  # the job is healthy, only slow: keep its steps
         raise TrainingExit(
             WorkerExit.REPLACE_NODE,
             f"rank {plan_rank} ({seat.pool} node {seat.node_slot}) straggled for "

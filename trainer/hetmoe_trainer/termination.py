@@ -16,7 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-TERMINATION_LOG_ENV = "HETMOE_TERMINATION_LOG"
+from hetmoe_operator.plan import TERMINATION_LOG_ENV
+
 KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 MAX_LINE_CHARS = 512
 

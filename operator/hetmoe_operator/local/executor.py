@@ -67,11 +67,10 @@ from typing import Any, Literal
 
 from hetmoe_operator.api.catalog import DeviceGrade
 from hetmoe_operator.api.cluster import ClusterDescription
+from hetmoe_operator.plan import TERMINATION_LOG_ENV
 
 SLOWDOWN_ENV = "HETMOE_SIMULATED_SLOWDOWN"
 THREADS_ENV = "OMP_NUM_THREADS"
-TERMINATION_LOG_ENV = "HETMOE_TERMINATION_LOG"
-"""Where the trainer writes why it ended (``hetmoe_trainer.termination``)."""
 TERMINATION_MESSAGE_BYTES = 4096
 """As much of it as a kubelet keeps."""
 LOCAL_ADDRESS = "127.0.0.1"
@@ -206,6 +205,11 @@ def _container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
             f"got {len(containers)}"
         )
     return containers[0]
+
+
+def _command_line(container: Mapping[str, Any]) -> list[str]:
+    """A container's ``command`` followed by its ``args``."""
+    return [*container.get("command", []), *container.get("args", [])]
 
 
 def _nproc_per_node(argv: Sequence[str]) -> int:
@@ -401,7 +405,7 @@ def translate_pod(
         return str(port_map.get(int(value), value)) if value.isdigit() else value
 
     argv: list[str] = []
-    raw = [*container.get("command", []), *container.get("args", [])]
+    raw = _command_line(container)
     for index, arg in enumerate(raw):
         value = rewrite_hosts(_rewrite_path(arg, mounts))
         if index and "port" in raw[index - 1].lower() and raw[index - 1].startswith("-"):
@@ -461,10 +465,7 @@ def translate(
         for path, per_pod in _volume_dirs(pod, run_dir).values():
             if not per_pod:
                 path.mkdir(parents=True, exist_ok=True)
-    workers = sum(
-        _nproc_per_node([*_container(pod).get("command", []), *_container(pod).get("args", [])])
-        for pod in pods
-    )
+    workers = sum(_nproc_per_node(_command_line(_container(pod))) for pod in pods)
     threads = max(1, (os.cpu_count() or 1) // max(1, workers))
     return [translate_pod(pod, services, network, run_dir, slowdowns, threads) for pod in pods]
 

@@ -13,12 +13,11 @@ from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from conftest import records
 from hetmoe_operator.api.training import AnomalyPolicy
-from hetmoe_operator.plan import WorkerExit, parse_replace_node_request
+from hetmoe_operator.plan import TERMINATION_LOG_ENV, WorkerExit, parse_replace_node_request
 from hetmoe_trainer.anomaly import Fault
 from hetmoe_trainer.checkpoint import step_dir
 from hetmoe_trainer.distributed import build_context, pick_device
 from hetmoe_trainer.loop import Trainer, TrainerOptions
-from hetmoe_trainer.termination import TERMINATION_LOG_ENV
 
 SEQ = 16
 POLICY = AnomalyPolicy(window=8, spike_zscore=6.0, max_consecutive_skips=3)

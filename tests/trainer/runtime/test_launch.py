@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from hetmoe_operator.plan import WorkerExit
+from hetmoe_operator.plan import TERMINATION_LOG_ENV, WorkerExit
 from hetmoe_trainer.launch import RendezvousStore, rendezvous_store, telling_exit_code
-from hetmoe_trainer.termination import TERMINATION_LOG_ENV
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from plan_factory import make_plan
 
-from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK
+from hetmoe_operator.plan import TERMINATION_LOG_ENV, WAITING_FOR_PEERS_MARK
 from hetmoe_trainer import termination
-from hetmoe_trainer.termination import MAX_LINE_CHARS, TERMINATION_LOG_ENV, record_termination
+from hetmoe_trainer.termination import MAX_LINE_CHARS, record_termination
 
 
 def test_each_rank_appends_one_shortened_line(
