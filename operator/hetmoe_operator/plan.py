@@ -469,6 +469,10 @@ def parse_replace_node_request(message: str) -> tuple[str, int] | None:
     return (found.group(1), int(found.group(2))) if found else None
 
 
+CHECKPOINT_DIR_ENV: Final = "HETMOE_CHECKPOINT_DIR"
+"""The checkpoint directory as every worker pod's environment names it (the launch
+wrapper records in-place restarts there)."""
+
 TERMINATION_LOG_ENV: Final = "HETMOE_TERMINATION_LOG"
 """Where a worker writes why it ended when not at Kubernetes' ``/dev/termination-log``
 (``hetmoe_trainer.termination``; local mode sets it per pod)."""

@@ -56,9 +56,10 @@ def write_job(
     interval: int,
     backoff: float | None = None,
     hang_timeout: int | None = None,
+    in_place_restarts: int | None = None,
 ) -> Path:
-    """A copy of the tiny example with fewer steps (and another restart backoff or hang
-    timeout), written to ``directory``."""
+    """A copy of the tiny example with fewer steps (and another restart backoff, hang
+    timeout or in-place restart budget), written to ``directory``."""
     manifest = yaml.safe_load(TINY_JOB.read_text())
     manifest["metadata"]["name"] = name
     manifest["spec"]["training"]["steps"] = steps
@@ -67,6 +68,8 @@ def write_job(
         manifest["spec"]["elastic"]["backoffSeconds"] = backoff
     if hang_timeout is not None:
         manifest["spec"]["elastic"]["hangTimeoutSeconds"] = hang_timeout
+    if in_place_restarts is not None:
+        manifest["spec"]["elastic"]["inPlaceRestarts"] = in_place_restarts
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(manifest))
     return path

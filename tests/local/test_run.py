@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tests.local.conftest import (
@@ -28,6 +29,7 @@ from tests.local.conftest import (
 )
 
 from hetmoe_operator.local.telemetry import LATEST_POINTER, read_progress, read_train_log
+from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK
 
 STOP_TIMEOUT = 120
 """Ctrl-C to exit: SIGTERM, the trainer's grace to finish, SIGKILL for what is left."""
@@ -71,16 +73,23 @@ def test_running_a_finished_job_again_resumes_at_its_end_and_says_so(
     assert read_train_log(run_dir / "checkpoints") == before, "nothing left to train"
 
 
+def _run_with_a_crash(tmp_path: Path, **job: Any) -> tuple[RunResult, str]:
+    """The tiny job (16 steps, a checkpoint every 5; ``job`` overrides) with plan rank 1
+    crashed at step 8; the run must succeed. Returns it and its final status line."""
+    path = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5, **job)
+    run_dir = tmp_path / "run"
+    result = run_hetmoe(hetmoe_argv(path, run_dir, "--inject-fault", "rank=1,step=8"), run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result, _final_line(result)
+
+
 def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     tiny_baseline: RunResult, tmp_path: Path
 ) -> None:
     # No backoff: the failure's own pass starts the next generation, so this also
     # checks that local mode stops the old processes before starting new ones.
-    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5, backoff=0)
-    run_dir = tmp_path / "run"
-    result = run_hetmoe(hetmoe_argv(job, run_dir, "--inject-fault", "rank=1,step=8"), run_dir)
-    assert result.returncode == 0, result.stdout + result.stderr
-    final = _final_line(result)
+    result, final = _run_with_a_crash(tmp_path, backoff=0)
+    run_dir = result.run_dir
     assert "phase=Succeeded" in final and "restarts=1" in final, final
     assert "WorkerFailed" in result.stdout
     # The crashed rank's pod is named (its agent says which worker died), not the
@@ -95,6 +104,27 @@ def test_injected_crash_restarts_once_and_ends_at_the_fault_free_loss(
     clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
     assert faulty["step"] == clean["step"] == 16
     assert faulty["loss"] == clean["loss"]
+
+
+def test_with_in_place_restarts_a_crash_is_recovered_in_the_same_pods_at_the_same_loss(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    """The same crash as above, with elastic.inPlaceRestarts: torchrun restarts the gang
+    inside its pods; the operator sees no failure, no new generation, and reports the
+    in-place restart with the crashed worker's own words."""
+    result, final = _run_with_a_crash(tmp_path, in_place_restarts=1)
+    run_dir = result.run_dir
+    assert "phase=Succeeded" in final and "generation=1 restarts=0" in final, final
+    assert "in_place_restarts=1" in final, final
+    events = [line for line in result.stdout.splitlines() if "RestartedInPlace" in line]
+    assert len(events) == 1 and "local rank 1 exited with code 137" in events[0], events
+    assert WAITING_FOR_PEERS_MARK not in events[0], "the fallout is not the reason"
+    assert "WorkerFailed" not in result.stdout
+    faulty = read_train_log(run_dir / "checkpoints")
+    assert {r["restart_count"] for r in faulty} == {0, 1}, "resumed by torchrun, in place"
+    clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
+    assert faulty[-1]["step"] == clean["step"] == 16
+    assert faulty[-1]["loss"] == clean["loss"]
 
 
 def test_an_injected_hang_is_ended_by_the_watchdog_and_the_job_restarts(

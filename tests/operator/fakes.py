@@ -169,6 +169,8 @@ class World:
         self.pod_creates = 0
         self.last_decision: Any = None
         self.linger = False
+        self.progress: Any = None
+        """What rank 0 reports at the next pass (None: nothing new)."""
 
     def observation(self) -> Any:
         from hetmoe_operator.desired.names import PLAN_GENERATION_ANNOTATION, PLAN_KEY
@@ -190,6 +192,7 @@ class World:
             now=self.now,
             plan=plan,
             plan_generation=plan_gen,
+            progress=self.progress,
         )
 
     def environment(self) -> Any:

@@ -146,6 +146,13 @@ def test_the_hang_timeout_reaches_the_trainer(elastic: dict, timeout: str) -> No
         assert trainer_args[trainer_args.index("--hang-timeout") + 1] == timeout
 
 
+@pytest.mark.parametrize("elastic,restarts", [({}, 0), ({"inPlaceRestarts": 2}, 2)])
+def test_in_place_restarts_are_the_torchrun_agents_restarts(elastic: dict, restarts: int) -> None:
+    for pod in worker_pods(plan(), context(elastic=elastic)):
+        args = pod["spec"]["containers"][0]["args"]
+        assert f"--max-restarts={restarts}" in args[: args.index("hetmoe_trainer")]
+
+
 def test_plan_config_map_round_trips_and_service_is_headless() -> None:
     config_map = plan_config_map(JOB, plan(), 2)
     assert Plan.from_json(config_map["data"]["plan.json"]) == plan()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hetmoe_operator.api.status import MAX_REASON_CHARS
 from hetmoe_operator.kube.progress import parse_progress
 from tests.operator.fakes import NOW
 
@@ -32,3 +33,15 @@ def test_garbage_keeps_the_old_progress() -> None:
     assert parse_progress({"step": -3}, NOW) is None
     parsed = parse_progress({"step": 1, "loss": None, "last_checkpoint_step": None}, NOW)
     assert parsed is not None and parsed[1] is None
+
+
+def test_in_place_restarts_and_their_reason_reach_the_status() -> None:
+    reason = "pool a node slot 1: plan rank 3: RuntimeError in forward: " + "x" * 5000
+    parsed = parse_progress(
+        {"step": 7, "in_place_restarts": 2, "last_in_place_restart": reason}, NOW
+    )
+    assert parsed is not None
+    progress = parsed[0]
+    assert progress.in_place_restarts == 2
+    assert progress.last_in_place_restart == reason[:MAX_REASON_CHARS]
+    assert progress.to_wire()["inPlaceRestarts"] == 2

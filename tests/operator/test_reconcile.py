@@ -108,6 +108,31 @@ def test_a_restart_short_of_nodes_keeps_them_for_a_while_then_lets_them_go() -> 
     assert not keeps_its_nodes(status.model_copy(update={"phase": "Running"}), after)
 
 
+def test_an_in_place_restart_is_one_event_and_a_new_generation_counts_afresh() -> None:
+    from hetmoe_operator.api.status import Progress
+
+    world = running_world(elastic={"maxRestarts": 3, "backoffSeconds": 0, "inPlaceRestarts": 2})
+    reason = "pool pool-a node slot 0: plan rank 1: RuntimeError in forward: boom"
+    world.progress = Progress(step=9, in_place_restarts=1, last_in_place_restart=reason)
+    world.reconcile()
+    world.reconcile()  # the same report again: no second event
+    in_place = [e for e in world.events if e.reason == "RestartedInPlace"]
+    assert len(in_place) == 1 and reason in in_place[0].message, in_place
+    assert is_known("RestartedInPlace")
+    status = world.status
+    assert status.phase == "Running" and status.restarts == 0 and status.generation == 1
+    assert status.progress is not None and status.progress.in_place_restarts == 1
+    world.progress = None  # a pod failure: the next generation's launch starts at 0
+    world.fail_pod("job-g1-pool-a-0", exit_code=1)
+    world.settle(4)
+    assert world.status.generation == 2 and world.status.progress is not None
+    assert world.status.progress.in_place_restarts == 0
+    assert world.status.progress.last_in_place_restart is None
+    world.progress = Progress(step=12, in_place_restarts=1, last_in_place_restart=reason)
+    world.reconcile()
+    assert len([e for e in world.events if e.reason == "RestartedInPlace"]) == 2
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     from hetmoe_operator.reconcile.failures import backoff_seconds
 

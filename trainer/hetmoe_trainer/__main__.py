@@ -37,6 +37,7 @@ from hetmoe_trainer.distributed import (
     plan_rank_from_env,
     validate_plan,
 )
+from hetmoe_trainer.progress import LAUNCH_ID_ENV
 from hetmoe_trainer.stop import stop_on_signals
 from hetmoe_trainer.termination import record_termination
 
@@ -206,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         peak_flops=args.peak_tflops * 1e12,
         max_rollbacks=args.max_rollbacks,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+        launch_id=os.environ.get(LAUNCH_ID_ENV, ""),
         simulated_slowdown=slowdown,
         overlap_grad_sync={"auto": None, "on": True, "off": False}[args.grad_overlap],
         grad_bucket_bytes=max(1, int(args.grad_bucket_mb * (1 << 20))),

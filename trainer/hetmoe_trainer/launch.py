@@ -22,27 +22,43 @@ every other wrapper reports ``hetmoe/agents-done`` once its agent has returned, 
 after a successful run the host waits for those reports, for at most
 :data:`AGENTS_DONE_TIMEOUT_S`.
 
+In-place restarts (``--max-restarts`` > 0, from ``elastic.inPlaceRestarts``): torch's
+agent restarts the gang after any worker failure. Here it does so only for failures a
+restart can cure: an exit that asks the operator for something (config error, replace
+the node, rollbacks exhausted, stopped) ends the agent at once, so the pod fails and
+the operator acts. Before each in-place restart the agent empties the termination log
+(it must speak for the next attempt only) and, if one of its own workers failed first,
+records why for the progress report (:mod:`hetmoe_trainer.progress`). The wrapper sets
+``$HETMOE_LAUNCH_ID`` once, so plan rank 0 can count the attempts.
+
 Usage is torchrun's: ``python -m hetmoe_trainer.launch [torchrun args] -m hetmoe_trainer ...``
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
+import torch.distributed.launcher.api as launcher_api
 from torch.distributed import TCPStore
+from torch.distributed.elastic.agent.server.api import RunResult, WorkerGroup
+from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
 from torch.distributed.run import get_args_parser, parse_min_max_nnodes, run
 
-from hetmoe_operator.plan import WorkerExit
-from hetmoe_trainer.termination import record_termination
+from hetmoe_operator.plan import CHECKPOINT_DIR_ENV, WAITING_FOR_PEERS_MARK, WorkerExit
+from hetmoe_trainer.progress import LAUNCH_ID_ENV, record_in_place_restart
+from hetmoe_trainer.termination import record_termination, take_termination_lines
 
 # Most specific first: a config error explains the others, a node to replace beats
 # an exhausted rollback budget.
@@ -53,6 +69,10 @@ _PRIORITY = (
     WorkerExit.HUNG,
     WorkerExit.STOPPED,
 )
+
+
+NOT_RETRIED_IN_PLACE = frozenset(_PRIORITY) - {WorkerExit.HUNG}
+"""Exits that ask the operator for something; a hang may be cured by a restart."""
 
 
 def telling_exit_code(codes: Iterable[int]) -> int:
@@ -147,9 +167,45 @@ def _say_who_died(failures: Iterable[ProcessFailure]) -> None:
         record_termination(f"local rank {failure.local_rank} {how}")
 
 
+class _InPlaceRestartingAgent(LocalElasticAgent):
+    """torch's agent, restarting its workers in place only when that can help."""
+
+    def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
+        result = super()._monitor_workers(worker_group)
+        if not result.is_failed() or self._remaining_restarts <= 0:
+            return result
+        failures = sorted(result.failures.values(), key=lambda f: f.timestamp)
+        if any(f.exitcode in NOT_RETRIED_IN_PLACE for f in failures):
+            self._remaining_restarts = 0  # the agent ends and the pod fails with the code
+            return result
+        _say_who_died(failures)
+        lines = take_termination_lines()
+        own = [line for line in lines if WAITING_FOR_PEERS_MARK not in line]
+        checkpoint_dir = os.environ.get(CHECKPOINT_DIR_ENV)
+        if checkpoint_dir and own:  # a worker of this pod failed first: say why
+            seat = f"pool {os.environ.get('HETMOE_POOL', '?')} node slot "
+            seat += os.environ.get("HETMOE_NODE_SLOT", "?")
+            record_in_place_restart(Path(checkpoint_dir), seat, own)
+        allowed = worker_group.spec.max_restarts
+        why = "; ".join(lines) or f"exit codes {[f.exitcode for f in failures]}"
+        print(
+            f"hetmoe_trainer.launch: workers failed ({why}); in-place restart "
+            f"{allowed - self._remaining_restarts + 1} of {allowed}",
+            file=sys.stderr,
+        )
+        return result
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
-        run(args)
+        # torch's launch_agent builds its agent from this module attribute, so it is
+        # swapped for the length of the run (there is no parameter for it).
+        original = launcher_api.LocalElasticAgent
+        launcher_api.LocalElasticAgent = _InPlaceRestartingAgent  # type: ignore[misc]
+        try:
+            run(args)
+        finally:
+            launcher_api.LocalElasticAgent = original  # type: ignore[misc]
     except ChildFailedError as error:
         failures = sorted(error.failures.values(), key=lambda f: f.timestamp)
         _say_who_died(failures)
@@ -167,6 +223,7 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run torchrun with ``argv``; map worker failures to one telling exit code."""
     args = get_args_parser().parse_args(argv)
+    os.environ[LAUNCH_ID_ENV] = uuid.uuid4().hex  # inherited by every attempt's workers
     where = rendezvous_store(args)
     if where is None:
         return _run(args)

@@ -109,6 +109,8 @@ class TrainerOptions:
     """Rollbacks to the same checkpoint before giving up (ROLLBACK_EXHAUSTED)."""
     restart_count: int = 0
     """torchrun's TORCHELASTIC_RESTART_COUNT."""
+    launch_id: str = ""
+    """The launch wrapper's ``$HETMOE_LAUNCH_ID``: counts in-place restarts in progress."""
     simulated_slowdown: float = 1.0
     """Local mode's simulated grade: stretch this rank's compute by this factor."""
     overlap_grad_sync: bool | None = None
@@ -235,7 +237,10 @@ class Trainer:
         self.is_reporter = me.rank == 0
         self.progress = (
             ProgressReporter(
-                options.checkpoint_dir / PROGRESS, self.total_steps, options.restart_count
+                options.checkpoint_dir / PROGRESS,
+                self.total_steps,
+                options.restart_count,
+                options.launch_id,
             )
             if self.is_reporter
             else None

@@ -45,3 +45,17 @@ def record_termination(message: str, plan_rank: int | None = None) -> None:
             log.write(line + "\n")
     except OSError:
         pass  # a message is a courtesy: never fail the exit path over it
+
+
+def take_termination_lines() -> list[str]:
+    """Read the termination log and empty it: after an in-place restart it must speak
+    for the new attempt only, or a later failure would be reported with stale lines."""
+    path = termination_log()
+    if path is None:
+        return []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+        path.write_text("", encoding="utf-8")
+    except OSError:
+        return []
+    return [line for line in lines if line.strip()]

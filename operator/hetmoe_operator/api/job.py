@@ -143,6 +143,14 @@ class ElasticSpec(ApiModel):
     collective or a kernel that never returns) prints every thread's stack and exits 89,
     which restarts the job from its latest checkpoint. Cover the slowest step, the first
     one after a restart included (checkpoint load, compilation). 0 turns it off."""
+    in_place_restarts: int = Field(default=0, ge=0, le=100)
+    """How often the workers may restart inside their pods, per generation, before a
+    failure reaches the operator: torchrun stops every worker of the gang, the same pods
+    rendezvous again and resume from the latest checkpoint, with no pod deleted,
+    scheduled or created. For crashes and hangs of worker processes; exits that ask the
+    operator for something (78 config error, 86 replace the node, 87 rollbacks
+    exhausted, 88 stopped) and lost pods or nodes still go to it. Not counted towards
+    maxRestarts; shown in status.progress.inPlaceRestarts. 0 turns it off."""
     failure_rules: list[FailureRule] = Field(default_factory=list, max_length=32)
     """Evaluated in order before the built-in defaults; first match wins."""
 

@@ -65,6 +65,9 @@ REASONS: Final = MappingProxyType(
         "evicted or preempted; or it exited 88 or 143): its trainers save a checkpoint at the "
         "end of their step before exiting, and the restart does not count towards "
         "elastic.maxRestarts.",
+        "RestartedInPlace": "The workers restarted inside their pods (elastic.inPlaceRestarts) "
+        "and resumed from the latest checkpoint; no pod was replaced and maxRestarts is not "
+        "used (an event; status.progress.inPlaceRestarts counts them per generation).",
         "BelowMinNodes": "Fewer usable nodes than elastic.minNodes and none can come back.",
         # Lifecycle.
         "SuspendedByUser": "spec.suspend is true: pods are stopped, checkpoints are kept.",

@@ -113,6 +113,9 @@ class FailureStatus(ApiModel):
     """RFC 3339 time of detection."""
 
 
+MAX_REASON_CHARS = 2048
+
+
 class Progress(ApiModel):
     """Training progress as last reported by the rank-0 worker."""
 
@@ -128,6 +131,11 @@ class Progress(ApiModel):
     """Measured throughput."""
     eta_seconds: float | None = Field(default=None, ge=0)
     """Estimated seconds to completion at the measured throughput."""
+    in_place_restarts: int = Field(default=0, ge=0)
+    """Times the workers of the current generation restarted inside their pods
+    (elastic.inPlaceRestarts), each resuming from the latest checkpoint."""
+    last_in_place_restart: str | None = Field(default=None, max_length=MAX_REASON_CHARS)
+    """Why the last of them happened: the failed worker's seat and its own words."""
     update_time: str = ""
     """RFC 3339 time of the last successful read."""
 

@@ -38,7 +38,7 @@ from hetmoe_operator.desired.names import (
     pod_name,
     service_name,
 )
-from hetmoe_operator.plan import Plan
+from hetmoe_operator.plan import CHECKPOINT_DIR_ENV, Plan
 
 PLAN_DIR = "/etc/hetmoe"
 PLAN_PATH = f"{PLAN_DIR}/{PLAN_KEY}"
@@ -95,6 +95,7 @@ def worker_launches(
     checkpoint_interval: int = 100,
     keep_checkpoints: int = 3,
     hang_timeout_seconds: int = 0,
+    in_place_restarts: int = 0,
 ) -> list[WorkerLaunch]:
     """argv and env of every node's torchrun agent, in plan node order.
 
@@ -102,7 +103,9 @@ def worker_launches(
     ``LOCAL_RANK``; the trainer looks up its plan rank (stage, layers, experts) with
     ``Plan.rank_at``. ``--rdzv-conf is_host`` tells node 0 to host the store, which
     avoids torchrun guessing from hostnames. ``stop_grace_seconds`` is the pod's
-    termination grace period, which bounds ``--shutdown-timeout``.
+    termination grace period, which bounds ``--shutdown-timeout``. ``in_place_restarts``
+    is torchrun's ``--max-restarts`` (``hetmoe_trainer.launch`` says which failures it
+    retries).
     """
     nodes = plan.nodes()
     grades = {(r.pool, r.node_slot): r.grade for r in plan.ranks}
@@ -119,7 +122,7 @@ def worker_launches(
             f"--rdzv-endpoint={rendezvous_endpoint}",
             f"--rdzv-id={job_name}-g{generation}",
             f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
-            "--max-restarts=0",
+            f"--max-restarts={in_place_restarts}",
             f"--shutdown-timeout={agent_shutdown_timeout(stop_grace_seconds)}",
             "-m",
             "hetmoe_trainer",
@@ -147,7 +150,7 @@ def worker_launches(
             "HETMOE_NNODES": str(len(nodes)),
             "HETMOE_RDZV_ENDPOINT": rendezvous_endpoint,
             "HETMOE_PLAN": plan_path,
-            "HETMOE_CHECKPOINT_DIR": checkpoint_dir,
+            CHECKPOINT_DIR_ENV: checkpoint_dir,
             "HETMOE_METRICS_PORT": str(metrics_port),
             # torchrun + gloo elastic restarts fail intermittently without it.
             "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1",
@@ -196,6 +199,7 @@ def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
         checkpoint_interval=ctx.spec.checkpoint.interval_steps,
         keep_checkpoints=ctx.spec.checkpoint.keep,
         hang_timeout_seconds=ctx.spec.elastic.hang_timeout_seconds,
+        in_place_restarts=ctx.spec.elastic.in_place_restarts,
     )
     return [_pod(launch, ctx, len(launches)) for launch in launches]
 

@@ -6,7 +6,8 @@ the operator stays the single writer of status, and the poll rate is bounded by 
 operator's setting however many ranks there are. Plan rank 0 serves
 ``GET /progress`` on its metrics port (schema in ``hetmoe_trainer.progress``); the
 operator reads ``step``, ``total_steps``, ``tokens``, ``loss``, ``tokens_per_s``,
-``eta_seconds`` and ``last_checkpoint_step``.
+``eta_seconds``, ``in_place_restarts``, ``last_in_place_restart`` and
+``last_checkpoint_step``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hetmoe_operator.api.status import Progress
+from hetmoe_operator.api.status import MAX_REASON_CHARS, Progress
 from hetmoe_operator.reconcile.conditions import rfc3339
 
 _FIELDS = {
@@ -30,6 +31,7 @@ _FIELDS = {
     "loss": "loss",
     "tokens_per_s": "tokens_per_second",
     "eta_seconds": "eta_seconds",
+    "in_place_restarts": "in_place_restarts",
 }
 
 
@@ -40,6 +42,9 @@ def parse_progress(data: Any, now: datetime) -> tuple[Progress, int | None] | No
     fields = {
         ours: data[theirs] for theirs, ours in _FIELDS.items() if data.get(theirs) is not None
     }
+    reason = data.get("last_in_place_restart")
+    if isinstance(reason, str):
+        fields["last_in_place_restart"] = reason[:MAX_REASON_CHARS]
     try:
         progress = Progress(**fields, update_time=rfc3339(now))
     except (ValidationError, TypeError):

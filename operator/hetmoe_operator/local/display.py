@@ -112,6 +112,8 @@ def log_line(view: RunView) -> str:
     progress = view.progress
     fields = [f"job={view.job}", f"phase={view.phase}", f"generation={view.generation}"]
     fields.append(f"restarts={view.restarts}")
+    if progress and progress.in_place_restarts:
+        fields.append(f"in_place_restarts={progress.in_place_restarts}")
     if progress:
         fields.append(f"step={progress.step}/{progress.total_steps}")
         if progress.loss is not None:

@@ -73,6 +73,8 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(f"tokens/s predicted{sim}", f"{plan.prediction.tokens_per_s:,.0f}")
     table.add_row("wall time", f"{summary.wall_seconds:.1f} s")
     table.add_row("restarts", str(view.restarts))
+    if progress and progress.in_place_restarts:
+        table.add_row("in-place restarts (this generation)", str(progress.in_place_restarts))
     table.add_row("checkpoints", ", ".join(summary.checkpoints) or "none")
     if plan:
         predicted = predicted_stage_seconds(plan)

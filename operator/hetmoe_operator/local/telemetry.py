@@ -38,6 +38,8 @@ class Progress:
     anomalies: Mapping[str, int] = field(default_factory=dict)
     stage_step_seconds: Mapping[int, float] = field(default_factory=dict)
     """Measured seconds of the last step, slowest rank of each stage."""
+    in_place_restarts: int = 0
+    last_in_place_restart: str | None = None
 
     def as_status(self, update_time: str) -> status.Progress:
         """The MoEJob status form of this reading (what ``kubectl get mj`` shows)."""
@@ -48,6 +50,12 @@ class Progress:
             loss=self.loss,
             tokens_per_second=self.tokens_per_second,
             eta_seconds=self.eta_seconds,
+            in_place_restarts=self.in_place_restarts,
+            last_in_place_restart=(
+                self.last_in_place_restart[: status.MAX_REASON_CHARS]
+                if self.last_in_place_restart
+                else None
+            ),
             update_time=update_time,
         )
 
@@ -78,6 +86,10 @@ def read_progress(checkpoint_dir: Path) -> Progress | None:
         stage_step_seconds={
             int(k): float(v) for k, v in (doc.get("stage_step_seconds") or {}).items()
         },
+        in_place_restarts=int(doc.get("in_place_restarts") or 0),
+        last_in_place_restart=(
+            str(doc["last_in_place_restart"]) if doc.get("last_in_place_restart") else None
+        ),
     )
 
 

@@ -218,8 +218,21 @@ def _live(pods: Sequence[PodObs]) -> list[PodObs]:
 
 
 def _merge_progress(run: _Pass) -> None:
-    if run.obs.progress is not None:
-        run.update(progress=run.obs.progress)
+    new = run.obs.progress
+    if new is not None:
+        old = run.status.progress
+        if new.in_place_restarts > (old.in_place_restarts if old else 0):
+            why = f": {new.last_in_place_restart}" if new.last_in_place_restart else ""
+            run.events.append(
+                Event(
+                    "Warning",
+                    "RestartedInPlace",
+                    f"generation {run.status.generation}: the workers restarted in their "
+                    f"pods from the latest checkpoint ({new.in_place_restarts} time(s) in "
+                    f"this generation){why}",
+                )
+            )
+        run.update(progress=new)
     if run.obs.checkpoint_step is not None:
         run.update(last_checkpoint_step=run.obs.checkpoint_step)
 
@@ -591,8 +604,15 @@ def _launch(
             "WorkersCreating",
             f"generation {generation}: creating {len(pods)} worker pods",
         )
+    progress = run.status.progress
+    if progress is not None and generation != run.status.generation:
+        # In-place restarts are counted per generation (per launch of the pods).
+        progress = progress.model_copy(
+            update={"in_place_restarts": 0, "last_in_place_restart": None}
+        )
     run.update(
         generation=generation,
+        progress=progress,
         plan=plan_status(plan, name),
         grades=grades_column(plan),
         restart_after=None,

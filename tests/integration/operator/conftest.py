@@ -28,6 +28,14 @@ GROUP, VERSION, PLURAL = "hetmoe.io", "v1alpha1", "moejobs"
 T = TypeVar("T")
 
 
+def job_events(kube_api: ApiClient, namespace: str, name: str) -> list[dict[str, Any]]:
+    """Every event about the MoEJob (or anything else) called ``name``."""
+    response = CoreV1Api(kube_api).list_namespaced_event(
+        namespace, field_selector=f"involvedObject.name={name}", _preload_content=False
+    )
+    return list(json.loads(response.data)["items"])
+
+
 def eventually(
     probe: Callable[[], T | None],
     timeout: float = 60.0,

@@ -6,7 +6,6 @@ the chart ships."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.integration.operator.conftest import (
     eventually,
     fail_pod,
     get_job,
+    job_events,
     job_manifest,
     job_pods,
     wait_phase,
@@ -38,13 +38,6 @@ pytestmark = pytest.mark.integration
 
 def condition(status: dict[str, Any], type_: str) -> dict[str, Any]:
     return next((c for c in status.get("conditions") or () if c["type"] == type_), {})
-
-
-def job_events(kube_api: ApiClient, namespace: str, name: str) -> list[dict[str, Any]]:
-    response = CoreV1Api(kube_api).list_namespaced_event(
-        namespace, field_selector=f"involvedObject.name={name}", _preload_content=False
-    )
-    return list(json.loads(response.data)["items"])
 
 
 def test_a_job_deletes_without_a_running_operator(

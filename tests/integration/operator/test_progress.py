@@ -29,6 +29,7 @@ from tests.integration.operator.conftest import (
     delete_job,
     eventually,
     get_job,
+    job_events,
     job_manifest,
     job_pods,
     wait_phase,
@@ -108,4 +109,28 @@ def test_rank0_progress_shows_on_status_printer_columns_and_hetmoe_status(
         60,
         "the next poll's step",
     )
+
+    # The gang restarted inside its pods (elastic.inPlaceRestarts): rank 0's next start
+    # reports it; the status schema keeps the fields and the operator posts one event.
+    reason = "pool pool-a node slot 0: plan rank 1: RuntimeError in forward: boom"
+    rank0_server.update(in_place_restarts=1, last_in_place_restart=reason)
+
+    def restarted_in_place() -> dict[str, Any] | None:
+        progress = get_job(kube_api, namespace, "progress")["status"]["progress"]
+        return progress if progress.get("inPlaceRestarts") == 1 else None
+
+    progress = eventually(restarted_in_place, 60, "status.progress.inPlaceRestarts == 1")
+    assert progress["lastInPlaceRestart"] == reason
+    events = eventually(
+        lambda: [
+            e
+            for e in job_events(kube_api, namespace, "progress")
+            if e["reason"] == "RestartedInPlace"
+        ],
+        30,
+        "a RestartedInPlace event",
+    )
+    assert len(events) == 1 and reason in events[0]["message"], events
+    status = get_job(kube_api, namespace, "progress")["status"]
+    assert (status["phase"], status["restarts"], status["generation"]) == ("Running", 0, 1)
     delete_job(kube_api, namespace, "progress")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -13,8 +14,14 @@ from pathlib import Path
 import pytest
 from torch.distributed.run import get_args_parser
 
-from hetmoe_operator.plan import TERMINATION_LOG_ENV, WorkerExit
+from hetmoe_operator.plan import (
+    CHECKPOINT_DIR_ENV,
+    TERMINATION_LOG_ENV,
+    WAITING_FOR_PEERS_MARK,
+    WorkerExit,
+)
 from hetmoe_trainer.launch import RendezvousStore, rendezvous_store, telling_exit_code
+from hetmoe_trainer.progress import IN_PLACE_RESTART_FILE, LAUNCH_ID_ENV
 
 
 @pytest.mark.parametrize(
@@ -42,13 +49,16 @@ LAUNCH_ONE_NODE = (
 
 
 def _launch_two_workers(
-    tmp_path: Path, source: str, env: dict[str, str] | None = None
+    tmp_path: Path,
+    source: str,
+    env: dict[str, str] | None = None,
+    in_place_restarts: int = 0,
 ) -> subprocess.CompletedProcess:
     """The wrapper on one node, running ``source`` as two local workers."""
     worker = tmp_path / "worker.py"
     worker.write_text(textwrap.dedent(source))
     return subprocess.run(
-        [*LAUNCH_ONE_NODE, str(worker)],
+        [*LAUNCH_ONE_NODE, f"--max-restarts={in_place_restarts}", str(worker)],
         capture_output=True,
         text=True,
         timeout=180,
@@ -83,6 +93,71 @@ def test_the_agent_says_which_worker_died_without_a_word(tmp_path: Path) -> None
     )
     assert result.returncode == 137, result.stderr[-2000:]
     assert log.read_text().splitlines() == ["local rank 1 exited with code 137"]
+
+
+@pytest.mark.parametrize("code", [1, WorkerExit.HUNG])
+def test_a_failed_gang_restarts_in_place_and_the_next_attempt_starts_with_a_clean_log(
+    tmp_path: Path, code: int
+) -> None:
+    """Local rank 1 fails on the first attempt, rank 0 falls with it; the agent restarts
+    both in place (same launch id), empties the termination log and records rank 1's
+    own line, not rank 0's, as the reason."""
+    log = tmp_path / "termination-log"
+    result = _launch_two_workers(
+        tmp_path,
+        f"""
+        import os, sys, time
+        from hetmoe_trainer.termination import record_termination
+        attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
+        with open(os.path.join({str(tmp_path)!r}, "ran"), "a") as ran:
+            ran.write(os.environ["LOCAL_RANK"] + ":" + attempt + ":"
+                      + os.environ["{LAUNCH_ID_ENV}"] + "\\n")
+        ready = os.path.join({str(tmp_path)!r}, "rank0-wrote")
+        if attempt == "0":
+            if os.environ["LOCAL_RANK"] == "1":
+                while not os.path.exists(ready):
+                    time.sleep(0.05)
+                record_termination("RuntimeError in forward: boom", plan_rank=1)
+                sys.exit({code})
+            record_termination("RuntimeError in gradient sync {WAITING_FOR_PEERS_MARK}", 0)
+            open(ready, "w").close()
+            time.sleep(60)
+        """,
+        env={
+            TERMINATION_LOG_ENV: str(log),
+            CHECKPOINT_DIR_ENV: str(tmp_path),
+            "HETMOE_POOL": "pool-a",
+            "HETMOE_NODE_SLOT": "3",
+        },
+        in_place_restarts=2,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = sorted((tmp_path / "ran").read_text().split())
+    assert [r.rsplit(":", 1)[0] for r in runs] == ["0:0", "0:1", "1:0", "1:1"]
+    assert len({r.rsplit(":", 1)[1] for r in runs}) == 1, "one launch id for every attempt"
+    assert log.read_text() == ""
+    reason = json.loads((tmp_path / IN_PLACE_RESTART_FILE).read_text())
+    assert reason["seat"] == "pool pool-a node slot 3"
+    assert reason["lines"] == ["plan rank 1: RuntimeError in forward: boom"]
+    assert "in-place restart 1 of 2" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "code", [WorkerExit.CONFIG_ERROR, WorkerExit.REPLACE_NODE, WorkerExit.ROLLBACK_EXHAUSTED]
+)
+def test_exits_that_ask_the_operator_are_not_restarted_in_place(tmp_path: Path, code: int) -> None:
+    result = _launch_two_workers(
+        tmp_path,
+        f"""
+        import os, sys
+        with open(os.path.join({str(tmp_path)!r}, "ran"), "a") as ran:
+            ran.write(os.environ["LOCAL_RANK"] + "\\n")
+        sys.exit({code} if os.environ["LOCAL_RANK"] == "1" else 0)
+        """,
+        in_place_restarts=2,
+    )
+    assert result.returncode == code, result.stderr[-2000:]
+    assert sorted((tmp_path / "ran").read_text().split()) == ["0", "1"], "ran once"
 
 
 # The wrapper with the agent's rendezvous shutdown delayed by argv[1] seconds, as a

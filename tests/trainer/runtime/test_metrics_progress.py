@@ -12,7 +12,7 @@ from plan_factory import make_plan
 from conftest import free_port
 from hetmoe_trainer.distributed import build_context, pick_device
 from hetmoe_trainer.loop import Trainer, TrainerOptions
-from hetmoe_trainer.progress import ANOMALY_KINDS
+from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter, record_in_place_restart
 
 METRICS = (
     "hetmoe_tokens_per_second",
@@ -108,3 +108,24 @@ def test_resuming_a_finished_run_reports_where_it_stands(tmp_path: Path) -> None
     assert again["consumed_samples"] == first["consumed_samples"]
     assert again["loss"] == pytest.approx(first["loss"])
     assert again["last_checkpoint_step"] == 4
+
+
+def test_rank_0_counts_the_attempts_of_one_launch_and_reports_why(tmp_path: Path) -> None:
+    """Each ProgressReporter is one start of plan rank 0. Starts under the same launch
+    id are in-place restarts; the reason recorded after the previous start is reported,
+    progress carries over until the next step, and a new launch counts afresh."""
+    path = tmp_path / "progress.json"
+    first = ProgressReporter(path, total_steps=10, restarts=0, launch_id="launch-1")
+    first.update(step=4, loss=5.5, last_checkpoint_step=4)
+    record_in_place_restart(tmp_path, "pool a node slot 1", ["plan rank 3: boom"])
+    ProgressReporter(path, total_steps=10, restarts=1, launch_id="launch-1")
+    doc = json.loads(path.read_text())  # written at start: a crash before a step counts
+    assert doc["in_place_restarts"] == 1
+    assert doc["last_in_place_restart"] == "pool a node slot 1: plan rank 3: boom"
+    assert (doc["step"], doc["loss"], doc["last_checkpoint_step"]) == (4, 5.5, 4)
+    ProgressReporter(path, total_steps=10, restarts=2, launch_id="launch-1")
+    doc = json.loads(path.read_text())
+    assert doc["in_place_restarts"] == 2
+    assert doc["last_in_place_restart"] is None, "no new reason since the last start"
+    ProgressReporter(path, total_steps=10, restarts=0, launch_id="launch-2")
+    assert json.loads(path.read_text())["in_place_restarts"] == 0
