@@ -59,27 +59,34 @@ nodes, not ``.backward()``); what that means for the rest of the step:
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import (
-    PipelineStage,
-    Schedule1F1B,
-    ScheduleInterleaved1F1B,
-    ScheduleInterleavedZeroBubble,
-    ScheduleZBVZeroBubble,
-)
 
 from hetmoe_trainer.distributed import ParallelContext, PlanError
 from hetmoe_trainer.model import Stage
 from hetmoe_trainer.model.dispatch import ExchangeTimer
 
-_Schedule = (
-    Schedule1F1B | ScheduleInterleaved1F1B | ScheduleInterleavedZeroBubble | ScheduleZBVZeroBubble
-)
+if TYPE_CHECKING:
+    # Imported where a pipeline is built (pp > 1): torch.distributed.pipelining pulls
+    # in torch._dynamo, about 1.6 s of every worker's start that pp=1 plans never use.
+    from torch.distributed.pipelining import (
+        PipelineStage,
+        Schedule1F1B,
+        ScheduleInterleaved1F1B,
+        ScheduleInterleavedZeroBubble,
+        ScheduleZBVZeroBubble,
+    )
+
+    _Schedule = (
+        Schedule1F1B
+        | ScheduleInterleaved1F1B
+        | ScheduleInterleavedZeroBubble
+        | ScheduleZBVZeroBubble
+    )
 
 
 class _NaNGradient(torch.autograd.Function):
@@ -188,6 +195,13 @@ class StepRunner:
         return loss * (self._token_weight * self.loss_scale)
 
     def _build_schedule(self) -> _Schedule:
+        from torch.distributed.pipelining import (
+            Schedule1F1B,
+            ScheduleInterleaved1F1B,
+            ScheduleInterleavedZeroBubble,
+            ScheduleZBVZeroBubble,
+        )
+
         plan, context = self.context.plan, self.context
         pp, virtual = plan.parallel.pp, plan.virtual_stages
         # The pp group orders members by process rank, not by stage: tell each stage
@@ -226,6 +240,8 @@ class StepRunner:
         self, chunk: int, index: int, num_stages: int, module: nn.Module
     ) -> PipelineStage:
         """The ``PipelineStage`` of (virtual) stage ``index``, with buffers declared up front."""
+        from torch.distributed.pipelining import PipelineStage
+
         context = self.context
         seq, hidden = context.plan.training.sequence_length, context.plan.model.hidden_size
         shape = (self.microbatch_size, seq)
