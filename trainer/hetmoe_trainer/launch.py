@@ -71,8 +71,10 @@ _PRIORITY = (
 )
 
 
-NOT_RETRIED_IN_PLACE = frozenset(_PRIORITY) - {WorkerExit.HUNG}
-"""Exits that ask the operator for something; a hang may be cured by a restart."""
+NOT_RETRIED_IN_PLACE = frozenset(_PRIORITY) - {WorkerExit.HUNG, WorkerExit.STOPPED}
+"""Exits that ask the operator for something. A hang may be cured by a restart; a
+worker that exited 88 inside a failed group was stopped by this agent when a sibling
+failed (a pod asked to stop ends the agent itself, with a signal)."""
 
 
 def telling_exit_code(codes: Iterable[int]) -> int:
@@ -169,6 +171,12 @@ def _say_who_died(failures: Iterable[ProcessFailure]) -> None:
 
 class _InPlaceRestartingAgent(LocalElasticAgent):
     """torch's agent, restarting its workers in place only when that can help."""
+
+    def _initialize_workers(self, worker_group: WorkerGroup) -> None:
+        # Workers stopped for a restart (theirs or a peer's) may have written why they
+        # stopped; the next attempt's log must speak for itself.
+        take_termination_lines()
+        super()._initialize_workers(worker_group)
 
     def _monitor_workers(self, worker_group: WorkerGroup) -> RunResult:
         result = super()._monitor_workers(worker_group)

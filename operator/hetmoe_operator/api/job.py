@@ -149,8 +149,8 @@ class ElasticSpec(ApiModel):
     rendezvous again and resume from the latest checkpoint, with no pod deleted,
     scheduled or created. For crashes and hangs of worker processes; exits that ask the
     operator for something (78 config error, 86 replace the node, 87 rollbacks
-    exhausted, 88 stopped) and lost pods or nodes still go to it. Not counted towards
-    maxRestarts; shown in status.progress.inPlaceRestarts. 0 turns it off."""
+    exhausted), a pod asked to stop, and lost pods or nodes still go to it. Not counted
+    towards maxRestarts; shown in status.progress.inPlaceRestarts. 0 turns it off."""
     failure_rules: list[FailureRule] = Field(default_factory=list, max_length=32)
     """Evaluated in order before the built-in defaults; first match wins."""
 

@@ -99,14 +99,14 @@ def test_the_agent_says_which_worker_died_without_a_word(tmp_path: Path) -> None
 def test_a_failed_gang_restarts_in_place_and_the_next_attempt_starts_with_a_clean_log(
     tmp_path: Path, code: int
 ) -> None:
-    """Local rank 1 fails on the first attempt, rank 0 falls with it; the agent restarts
-    both in place (same launch id), empties the termination log and records rank 1's
-    own line, not rank 0's, as the reason."""
+    """Local rank 1 fails on the first attempt, rank 0 falls with it (stopped by the
+    agent: exit 88); the agent restarts both in place (same launch id), empties the
+    termination log and records rank 1's own line, not rank 0's, as the reason."""
     log = tmp_path / "termination-log"
     result = _launch_two_workers(
         tmp_path,
         f"""
-        import os, sys, time
+        import os, signal, sys, time
         from hetmoe_trainer.termination import record_termination
         attempt = os.environ["TORCHELASTIC_RESTART_COUNT"]
         with open(os.path.join({str(tmp_path)!r}, "ran"), "a") as ran:
@@ -120,6 +120,8 @@ def test_a_failed_gang_restarts_in_place_and_the_next_attempt_starts_with_a_clea
                 record_termination("RuntimeError in forward: boom", plan_rank=1)
                 sys.exit({code})
             record_termination("RuntimeError in gradient sync {WAITING_FOR_PEERS_MARK}", 0)
+            # Stopped by the agent when rank 1 fails, it exits as the trainer may.
+            signal.signal(signal.SIGTERM, lambda *_: sys.exit({WorkerExit.STOPPED}))
             open(ready, "w").close()
             time.sleep(60)
         """,
@@ -140,6 +142,69 @@ def test_a_failed_gang_restarts_in_place_and_the_next_attempt_starts_with_a_clea
     assert reason["seat"] == "pool pool-a node slot 3"
     assert reason["lines"] == ["plan rank 1: RuntimeError in forward: boom"]
     assert "in-place restart 1 of 2" in result.stderr
+
+
+def test_a_node_restarted_for_a_peer_starts_its_next_attempt_with_a_clean_log(
+    tmp_path: Path,
+) -> None:
+    """Two agents (nodes). Node 1's worker crashes; its agent restarts in place and
+    rejoins, so node 0's healthy agent restarts its worker for the new member. That
+    worker, stopped, writes why to node 0's termination log: gone by the next attempt."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(
+        textwrap.dedent(
+            f"""
+            import os, signal, sys, time
+            from hetmoe_trainer.termination import record_termination
+            slot = os.environ["HETMOE_NODE_SLOT"]
+            started = os.path.join({str(tmp_path)!r}, "started-" + slot)
+            if os.path.exists(started):  # this node's second attempt
+                sys.exit(0)
+            open(started, "w").close()
+            if slot == "1":
+                time.sleep(1)
+                sys.exit(1)
+
+            def stopped(*_):
+                record_termination("stopped after step 3", 0)
+                sys.exit({WorkerExit.STOPPED})
+
+            signal.signal(signal.SIGTERM, stopped)
+            time.sleep(60)
+            """
+        )
+    )
+    port = _free_port()
+    logs = [tmp_path / f"termination-{index}" for index in range(2)]
+    agents = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hetmoe_trainer.launch",
+                "--nnodes=2",
+                "--nproc-per-node=1",
+                "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=127.0.0.1:{port}",
+                "--rdzv-id=membership",
+                f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
+                "--max-restarts=1",
+                str(worker),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                TERMINATION_LOG_ENV: str(logs[index]),
+                "HETMOE_NODE_SLOT": str(index),
+            },
+        )
+        for index in range(2)
+    ]
+    results = [agent.communicate(timeout=180) for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], [r[1][-2000:] for r in results]
+    assert logs[0].read_text() == "", "node 0's stopped worker's line outlived its attempt"
 
 
 @pytest.mark.parametrize(
