@@ -47,6 +47,11 @@ def render(job: dict[str, Any]) -> str:
             f"loss {progress.get('loss')}, ETA {progress.get('etaSeconds')} s, "
             f"last checkpoint {status.get('lastCheckpointStep')}"
         )
+    if progress.get("inPlaceRestarts"):
+        lines.append(
+            f"  in place   {progress['inPlaceRestarts']} restart(s) this generation; last: "
+            f"{progress.get('lastInPlaceRestart') or 'reason not reported'}"
+        )
     plan = status.get("plan") or {}
     if plan:
         lines.append(

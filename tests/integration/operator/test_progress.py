@@ -94,13 +94,7 @@ def test_rank0_progress_shows_on_status_printer_columns_and_hetmoe_status(
     row = control_plane.kubectl("-n", namespace, "get", "mj", "progress", "--no-headers").stdout
     assert row.split()[:2] == ["progress", "Running"] and "17" in row.split()
     assert "1234.5" in row
-    shown = subprocess.run(
-        [sys.executable, "-m", "hetmoe_operator.cli.main", "status", "progress", "-n", namespace],
-        capture_output=True,
-        text=True,
-        check=True,
-        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
-    ).stdout
+    shown = _hetmoe_status(control_plane, namespace, "progress")
     assert "step 17/40" in shown and "1234.5" in shown, shown
 
     rank0_server.update(step=23, tokens=11776)
@@ -133,4 +127,17 @@ def test_rank0_progress_shows_on_status_printer_columns_and_hetmoe_status(
     assert len(events) == 1 and reason in events[0]["message"], events
     status = get_job(kube_api, namespace, "progress")["status"]
     assert (status["phase"], status["restarts"], status["generation"]) == ("Running", 0, 1)
+    shown = _hetmoe_status(control_plane, namespace, "progress")
+    assert f"in place   1 restart(s) this generation; last: {reason}" in shown, shown
     delete_job(kube_api, namespace, "progress")
+
+
+def _hetmoe_status(control_plane: ControlPlane, namespace: str, name: str) -> str:
+    """What ``hetmoe status NAME`` prints against the test cluster."""
+    return subprocess.run(
+        [sys.executable, "-m", "hetmoe_operator.cli.main", "status", name, "-n", namespace],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "KUBECONFIG": str(control_plane.kubeconfig)},
+    ).stdout
