@@ -421,6 +421,38 @@ def test_a_restart_after_a_resume_does_not_wait_for_the_old_workers() -> None:
     assert world.live_pods() == ["job-g3-pool-a-0", "job-g3-pool-d-0"]
 
 
+def test_a_job_reopened_after_failing_does_not_wait_as_if_resuming_from_a_suspend() -> None:
+    """Suspended and resumed long ago, then Failed (PlanInfeasible) and reopened by a
+    spec change: its lingering pods were stopped as a broken gang and save nothing, so
+    the next generation must not wait for them "saving a checkpoint"."""
+    elastic = {"maxRestarts": 3, "backoffSeconds": 0}
+    world = running_world(elastic=elastic)
+    world.spec = spec(elastic=elastic, suspend=True)
+    world.metadata_generation = 2
+    world.settle(2)
+    world.spec = spec(elastic=elastic)
+    world.metadata_generation = 3
+    world.settle(3)
+    assert world.status.phase == "Running" and world.status.generation == 2
+
+    def infeasible(*args: Any, **kwargs: Any) -> Any:
+        raise PlanningError("divisibility", "num_experts 8 is not divisible by EP degree 3")
+
+    world.linger = True
+    world.planner = infeasible
+    del world.nodes["a0"], world.nodes["a1"]  # a worker lost; the re-plan on the rest fails
+    world.settle(3)
+    assert world.status.phase == "Failed", world.status
+    assert any(p.get("metadata", {}).get("deletionTimestamp") for p in world.pods.values())
+    world.planner = fake_planner
+    world.metadata_generation = 4
+    world.reconcile()
+    ready = next(c for c in world.status.conditions if c.type == "Ready")
+    assert ready.reason != "WorkersStopping", ready
+    world.settle(3)
+    assert world.status.generation == 3
+
+
 def test_success_when_every_worker_exits_zero() -> None:
     world = running_world()
     world.succeed_all()

@@ -507,12 +507,18 @@ def _start_next_generation(run: _Pass, spec: MoEJobSpec) -> None:
 
 def _resuming(run: _Pass) -> bool:
     """Whether the job is back from a suspend and has launched nothing since: resuming
-    sets Pending and Suspended=False Resumed, and the next launch leaves Pending."""
+    sets Pending and Suspended=False Resumed and leaves Ready as the suspend set it (or
+    WorkersStopping while the suspended workers finish saving). A launch changes Ready,
+    so a job reopened after failing (Pending again, with that old Resumed condition)
+    does not wait for its broken gang as if it were saving."""
     suspended = condition(run.status.conditions, "Suspended")
+    ready = condition(run.status.conditions, "Ready")
     return (
         run.status.phase == "Pending"
         and suspended is not None
         and (suspended.status, suspended.reason) == ("False", "Resumed")
+        and ready is not None
+        and ready.reason in ("SuspendedByUser", "WorkersStopping")
     )
 
 
