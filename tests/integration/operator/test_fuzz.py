@@ -82,6 +82,7 @@ specs = st.fixed_dictionaries(
             {},
             optional={
                 "maxRestarts": st.integers(-1, 3),
+                "inPlaceRestarts": st.integers(-1, 101),
                 "minNodes": st.integers(1, 9),
                 "maxNodes": st.integers(1, 9),
             },
