@@ -25,8 +25,8 @@ after a successful run the host waits for those reports, for at most
 In-place restarts (``--max-restarts`` > 0, from ``elastic.inPlaceRestarts``): torch's
 agent restarts the gang after any worker failure. Here it does so only for failures a
 restart can cure: an exit that asks the operator for something (config error, replace
-the node, rollbacks exhausted, stopped) ends the agent at once, so the pod fails and
-the operator acts. Before each in-place restart the agent empties the termination log
+the node, rollbacks exhausted) ends the agent at once, so the pod fails and the
+operator acts. Before each in-place restart the agent empties the termination log
 (it must speak for the next attempt only) and, if one of its own workers failed first,
 records why for the progress report (:mod:`hetmoe_trainer.progress`). The wrapper sets
 ``$HETMOE_LAUNCH_ID`` once, so plan rank 0 can count the attempts.
