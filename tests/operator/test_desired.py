@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from hetmoe_operator.api.cluster import ClusterDescription, NodePool
@@ -151,6 +153,16 @@ def test_in_place_restarts_are_the_torchrun_agents_restarts(elastic: dict, resta
     for pod in worker_pods(plan(), context(elastic=elastic)):
         args = pod["spec"]["containers"][0]["args"]
         assert f"--max-restarts={restarts}" in args[: args.index("hetmoe_trainer")]
+
+
+def test_the_catalogs_peaks_of_the_plans_grades_reach_the_trainer() -> None:
+    ctx = dataclasses.replace(context(), peak_tflops={"A": 370.0, "D": 989.5, "E": 147.0})
+    for pod in worker_pods(plan(), ctx):
+        args = pod["spec"]["containers"][0]["args"]
+        trainer_args = args[args.index("hetmoe_trainer") :]
+        assert trainer_args[trainer_args.index("--grade-peak-tflops") + 1] == "A=370,D=989.5"
+    for pod in worker_pods(plan(), context()):  # no catalog: the trainer measures
+        assert "--grade-peak-tflops" not in pod["spec"]["containers"][0]["args"]
 
 
 def test_plan_config_map_round_trips_and_service_is_headless() -> None:

@@ -67,6 +67,23 @@ class _Parser(argparse.ArgumentParser):
         raise PlanError(f"bad arguments: {message}")
 
 
+def grade_peaks(text: str) -> dict[str, float]:
+    """``A=370,D=989`` -> {"A": 370e12, "D": 989e12} (FLOP/s)."""
+    peaks = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        grade, _, value = item.partition("=")
+        try:
+            tflops = float(value)
+        except ValueError:
+            tflops = 0.0
+        if not grade or not tflops > 0:
+            raise argparse.ArgumentTypeError(
+                f"{item!r}: expected GRADE=TFLOPS with a positive number, e.g. A=370"
+            )
+        peaks[grade] = tflops * 1e12
+    return peaks
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     """Command-line options (see ``--help``)."""
     parser = _Parser(prog="python -m hetmoe_trainer", description="hetmoe MoE trainer worker")
@@ -89,6 +106,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--peak-tflops", type=float, default=0.0, help="device peak for MFU; 0 = measure"
+    )
+    parser.add_argument(
+        "--grade-peak-tflops",
+        type=grade_peaks,
+        default={},
+        metavar="GRADE=TFLOPS,...",
+        help="datasheet bf16 peak per grade (the operator passes its catalog's): the MFU "
+        "denominator on CUDA, summed over the plan's ranks",
     )
     parser.add_argument(
         "--dtype",
@@ -205,6 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         else 0,
         faults=faults,
         peak_flops=args.peak_tflops * 1e12,
+        grade_peak_flops=args.grade_peak_tflops,
         max_rollbacks=args.max_rollbacks,
         restart_count=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
         launch_id=os.environ.get(LAUNCH_ID_ENV, ""),

@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +56,7 @@ from hetmoe_trainer.metrics import (
     flops_per_token,
     measure_matmul_peak,
     metrics_route,
+    mfu_denominator,
 )
 from hetmoe_trainer.model import build_stage
 from hetmoe_trainer.optim import (
@@ -105,6 +107,9 @@ class TrainerOptions:
     faults: tuple[Fault, ...] = ()
     peak_flops: float = 0.0
     """Per-device peak FLOP/s for MFU; 0 measures a matmul at start."""
+    grade_peak_flops: Mapping[str, float] = field(default_factory=dict)
+    """Datasheet bf16 peak FLOP/s per grade (the operator's catalog): the MFU
+    denominator on CUDA (:func:`~hetmoe_trainer.metrics.mfu_denominator`)."""
     max_rollbacks: int = 3
     """Rollbacks to the same checkpoint before giving up (ROLLBACK_EXHAUSTED)."""
     restart_count: int = 0
@@ -245,9 +250,13 @@ class Trainer:
             if self.is_reporter
             else None
         )
-        peak = options.peak_flops or measure_matmul_peak(device, context.device.compute_dtype)
         self._flops_per_token = flops_per_token(plan.model, training.sequence_length)
-        self._peak_total = peak * context.world_size
+        self._peak_total = mfu_denominator(
+            [rank.grade for rank in plan.ranks],
+            device.type,
+            options.grade_peak_flops,
+            lambda: options.peak_flops or measure_matmul_peak(device, context.device.compute_dtype),
+        )
         self.server: MetricsServer | None = None
         if options.metrics_port:
             routes = {"/metrics": metrics_route(self.metrics)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -136,6 +136,26 @@ def measure_matmul_peak(
             torch.cuda.synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
+
+
+def mfu_denominator(
+    grades: Sequence[str],
+    device_type: str,
+    grade_peak_flops: Mapping[str, float],
+    device_peak: Callable[[], float],
+) -> float:
+    """Peak FLOP/s of the whole job, the denominator of its MFU.
+
+    On CUDA with every rank's grade in the catalog (``grade_peak_flops``, which the
+    operator passes from its device catalog): the sum of the ranks' datasheet bf16
+    peaks, as MFU is usually reported, and right for a job whose ranks run on
+    different grades. Otherwise ``device_peak()`` (a given figure, or a matmul measured
+    on this device, which is what a CPU or an unlisted device can offer) for every
+    rank; it is not called when the catalog answers, so GPUs skip the measurement.
+    """
+    if device_type == "cuda" and grades and all(g in grade_peak_flops for g in grades):
+        return sum(grade_peak_flops[g] for g in grades)
+    return device_peak() * len(grades)
 
 
 def flops_per_token(arch: ModelArchitecture, sequence_length: int) -> float:

@@ -16,7 +16,7 @@ user writes in the spec can be interpreted by a shell.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hetmoe_operator.api.job import CheckpointVolume, MoEJobSpec
@@ -96,6 +96,7 @@ def worker_launches(
     keep_checkpoints: int = 3,
     hang_timeout_seconds: int = 0,
     in_place_restarts: int = 0,
+    grade_peak_tflops: Mapping[str, float] | None = None,
 ) -> list[WorkerLaunch]:
     """argv and env of every node's torchrun agent, in plan node order.
 
@@ -105,10 +106,16 @@ def worker_launches(
     avoids torchrun guessing from hostnames. ``stop_grace_seconds`` is the pod's
     termination grace period, which bounds ``--shutdown-timeout``. ``in_place_restarts``
     is torchrun's ``--max-restarts`` (``hetmoe_trainer.launch`` says which failures it
-    retries).
+    retries). ``grade_peak_tflops`` (the catalog's datasheet peaks) becomes the trainer's
+    MFU denominator on GPUs, for the grades the plan uses.
     """
     nodes = plan.nodes()
     grades = {(r.pool, r.node_slot): r.grade for r in plan.ranks}
+    peaks = ",".join(
+        f"{grade}={tflops:g}"
+        for grade, tflops in sorted((grade_peak_tflops or {}).items())
+        if grade in grades.values()
+    )
     launches = []
     for index, (pool, slot, nproc) in enumerate(nodes):
         argv = (
@@ -138,6 +145,7 @@ def worker_launches(
             str(metrics_port),
             "--hang-timeout",
             str(hang_timeout_seconds),
+            *(("--grade-peak-tflops", peaks) if peaks else ()),
         )
         env = {
             "HETMOE_JOB": job_name,
@@ -183,6 +191,8 @@ class PodContext:
     pool_label: str
     tolerations: Sequence[Toleration]
     excluded_nodes: Sequence[str] = ()
+    peak_tflops: Mapping[str, float] = field(default_factory=dict)
+    """Grade name -> datasheet bf16 peak (from the catalog), for the trainer's MFU."""
 
 
 def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
@@ -200,6 +210,7 @@ def worker_pods(plan: Plan, ctx: PodContext) -> list[dict[str, Any]]:
         keep_checkpoints=ctx.spec.checkpoint.keep,
         hang_timeout_seconds=ctx.spec.elastic.hang_timeout_seconds,
         in_place_restarts=ctx.spec.elastic.in_place_restarts,
+        grade_peak_tflops=ctx.peak_tflops,
     )
     return [_pod(launch, ctx, len(launches)) for launch in launches]
 

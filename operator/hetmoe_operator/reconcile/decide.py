@@ -647,4 +647,5 @@ def _pod_context(
         pool_label=config.pool_label,
         tolerations=worker_tolerations(resource, config),
         excluded_nodes=tuple(run.status.excluded_nodes),
+        peak_tflops={g.name: g.peak_bf16_tflops for g in catalog.grades} if catalog else {},
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 from pathlib import Path
@@ -11,6 +12,7 @@ from plan_factory import make_plan
 
 from conftest import PYTHON, REPO, losses, run_torchrun
 from hetmoe_operator.plan import WorkerExit
+from hetmoe_trainer.__main__ import grade_peaks
 from hetmoe_trainer.distributed import PlanError, plan_rank_from_env
 
 
@@ -75,3 +77,14 @@ def test_a_trainer_option_the_plan_cannot_run_exits_78_without_a_traceback(
     assert result.returncode == WorkerExit.CONFIG_ERROR, result.stderr[-3000:]
     assert "configuration error: regional torch.compile cannot run" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("text", ["A", "A=", "A=abc", "A=-1", "=5"])
+def test_bad_grade_peaks_are_refused_with_the_expected_form(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="GRADE=TFLOPS"):
+        grade_peaks(text)
+
+
+def test_grade_peaks_are_read_in_tflops() -> None:
+    assert grade_peaks("A=370, D=989.5") == {"A": 370e12, "D": 989.5e12}
+    assert grade_peaks("") == {}

@@ -12,6 +12,7 @@ from plan_factory import make_plan
 from conftest import free_port
 from hetmoe_trainer.distributed import build_context, pick_device
 from hetmoe_trainer.loop import Trainer, TrainerOptions
+from hetmoe_trainer.metrics import mfu_denominator
 from hetmoe_trainer.progress import ANOMALY_KINDS, ProgressReporter, record_in_place_restart
 
 METRICS = (
@@ -129,3 +130,15 @@ def test_rank_0_counts_the_attempts_of_one_launch_and_reports_why(tmp_path: Path
     assert doc["last_in_place_restart"] is None, "no new reason since the last start"
     ProgressReporter(path, total_steps=10, restarts=0, launch_id="launch-2")
     assert json.loads(path.read_text())["in_place_restarts"] == 0
+
+
+def test_mfu_on_gpus_is_against_the_catalogs_peaks_summed_over_the_ranks() -> None:
+    peaks = {"A": 370e12, "D": 989e12}
+
+    def must_not_measure() -> float:
+        raise AssertionError("measured although the catalog answers")
+
+    assert mfu_denominator(["A", "A", "D"], "cuda", peaks, must_not_measure) == 1729e12
+    # A grade the catalog does not list, or a CPU: the measured (or given) device peak.
+    assert mfu_denominator(["A", "X"], "cuda", peaks, lambda: 5e12) == 10e12
+    assert mfu_denominator(["A", "D"], "cpu", peaks, lambda: 2e11) == 4e11
