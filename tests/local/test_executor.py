@@ -153,6 +153,19 @@ def test_checkpoint_volume_is_the_shared_run_directory(
         assert pod.env["HETMOE_CHECKPOINT_DIR"] == str(checkpoints)
 
 
+def test_a_pod_started_later_in_its_generation_dials_the_same_rendezvous(
+    translated: list[LocalPod], tmp_path: Path, local_cluster: ClusterDescription
+) -> None:
+    """A pod replaced alone is translated on its own; with its generation's Service
+    ports it reaches the same rendezvous endpoint (without them it would get a new one)."""
+    manifests = _manifests(local_cluster)
+    service, replacement = manifests[1], manifests[-1]
+    again = translate(
+        [service, replacement], tmp_path, local_cluster, service_ports=translated[0].service_ports
+    )
+    assert _flag(again[0], "--rdzv-endpoint") == _flag(translated[0], "--rdzv-endpoint")
+
+
 def test_rendezvous_goes_to_one_local_port_and_names_stay(translated: list[LocalPod]) -> None:
     endpoints = {_flag(pod, "--rdzv-endpoint") for pod in translated}
     assert len(endpoints) == 1

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -191,12 +192,6 @@ def _trainer_workers(root: int) -> list[int]:
     """Trainer processes under ``root``: the children of a torchrun agent
     (``hetmoe_trainer.launch``)."""
 
-    def cmdline(pid: int) -> str:
-        try:
-            return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            return ""
-
     def parent(pid: int) -> int:
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
@@ -207,34 +202,22 @@ def _trainer_workers(root: int) -> list[int]:
     return [
         pid
         for pid in descendants(root)
-        if "hetmoe_trainer.launch" not in cmdline(pid)
-        and "hetmoe_trainer.launch" in cmdline(parent(pid))
+        if "hetmoe_trainer.launch" not in _cmdline(pid)
+        and "hetmoe_trainer.launch" in _cmdline(parent(pid))
     ]
 
 
 def test_killing_a_worker_by_hand_restarts_and_ends_at_the_fault_free_loss(
     tiny_baseline: RunResult, tmp_path: Path
 ) -> None:
-    job = write_job(tmp_path, name="tiny-e2e", steps=16, interval=5)
-    run_dir = tmp_path / "run"
-    checkpoints = run_dir / "checkpoints"
-    with (tmp_path / "run.log").open("wb") as log:
-        process = subprocess.Popen(
-            hetmoe_argv(job, run_dir),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-            start_new_session=True,
-        )
-        try:
-            _wait_for_step(process, checkpoints, 7, set())
-            workers = _trainer_workers(process.pid)
-            assert len(workers) == 4, f"expected 4 trainer processes, found {workers}"
-            os.kill(workers[-1], signal.SIGKILL)
-            assert process.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.log").read_text()
-        finally:
-            kill_group(process.pid)
-    output = (tmp_path / "run.log").read_text()
+
+    def kill_a_worker(root: int) -> None:
+        workers = _trainer_workers(root)
+        assert len(workers) == 4, f"expected 4 trainer processes, found {workers}"
+        os.kill(workers[-1], signal.SIGKILL)
+
+    output = _interrupted_run(tmp_path, kill_a_worker)
+    checkpoints = tmp_path / "run" / "checkpoints"
     final = [line for line in output.splitlines() if line.startswith("job=")][-1]
     assert "phase=Succeeded" in final and "restarts=1" in final, final
     assert "was killed by SIGKILL" in output, "the killed worker's pod is the one named"
@@ -245,6 +228,68 @@ def test_killing_a_worker_by_hand_restarts_and_ends_at_the_fault_free_loss(
     clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
     assert killed["step"] == clean["step"] == 16
     assert killed["loss"] == clean["loss"]
+
+
+def test_with_in_place_restarts_a_lost_pod_is_replaced_alone_and_the_job_ends_at_the_same_loss(
+    tiny_baseline: RunResult, tmp_path: Path
+) -> None:
+    """The second pod (node 1) dies whole, as when its node goes: its agent and workers
+    are SIGKILLed. The operator replaces that pod alone (same generation, ``-r1``); the
+    first pod's agent, which serves the rendezvous, restarts its workers in place and
+    takes the new pod in; training resumes from the checkpoint at the fault-free loss."""
+
+    def lose_the_second_pod(root: int) -> None:
+        agent = next(
+            pid
+            for pid in descendants(root)
+            if "hetmoe_trainer.launch" in _cmdline(pid)
+            and b"HETMOE_NODE_INDEX=1\0" in Path(f"/proc/{pid}/environ").read_bytes()
+        )
+        kill_group(agent)  # the whole pod: its agent leads the group, workers too
+
+    output = _interrupted_run(tmp_path, lose_the_second_pod, in_place_restarts=1)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    final = [line for line in output.splitlines() if line.startswith("job=")][-1]
+    assert "phase=Succeeded" in final and "generation=1 restarts=1" in final, final
+    assert "PodReplaced" in output and "-r1" in output, output[-3000:]
+    records = read_train_log(checkpoints)
+    clean = read_train_log(tiny_baseline.run_dir / "checkpoints")[-1]
+    assert records[-1]["step"] == clean["step"] == 16
+    assert records[-1]["loss"] == clean["loss"]
+
+
+def _interrupted_run(
+    tmp_path: Path, interrupt: Callable[[int], None], *, in_place_restarts: int | None = None
+) -> str:
+    """Run the tiny job (16 steps, a checkpoint every 5), call ``interrupt`` with the
+    ``hetmoe run`` pid once rank 0 reported step 7; the run must still succeed.
+    Returns its output."""
+    job = write_job(
+        tmp_path, name="tiny-e2e", steps=16, interval=5, in_place_restarts=in_place_restarts
+    )
+    run_dir = tmp_path / "run"
+    with (tmp_path / "run.log").open("wb") as log:
+        process = subprocess.Popen(
+            hetmoe_argv(job, run_dir),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            _wait_for_step(process, run_dir / "checkpoints", 7, set())
+            interrupt(process.pid)
+            assert process.wait(timeout=RUN_TIMEOUT) == 0, (tmp_path / "run.log").read_text()
+        finally:
+            kill_group(process.pid)
+    return (tmp_path / "run.log").read_text()
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
 
 
 def _wait_for_step(

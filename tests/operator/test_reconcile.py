@@ -133,6 +133,78 @@ def test_an_in_place_restart_is_one_event_and_a_new_generation_counts_afresh() -
     assert len([e for e in world.events if e.reason == "RestartedInPlace"]) == 2
 
 
+IN_PLACE = {"maxRestarts": 3, "backoffSeconds": 0, "inPlaceRestarts": 1}
+
+
+def test_with_in_place_restarts_a_pod_that_failed_alone_is_replaced_alone() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.fail_pod("job-g1-pool-d-0", exit_code=137)
+    decision = world.reconcile()
+    assert [m["metadata"]["name"] for m in decision.creates if m["kind"] == "Pod"] == [
+        "job-g1-pool-d-0-r1"
+    ]
+    assert [d.name for d in decision.deletes] == ["job-g1-pool-d-0"]
+    status = world.status
+    assert (status.phase, status.generation, status.restarts) == ("Restarting", 1, 1)
+    assert status.replaced_pods == ["job-g1-pool-d-0"]
+    assert status.last_failure is not None and status.last_failure.replaced_alone
+    assert status.last_failure.pod == "job-g1-pool-d-0"
+    restarting = next(c for c in status.conditions if c.type == "Restarting")
+    assert restarting.reason == "PodReplaced" and is_known("PodReplaced")
+    world.settle(4)
+    assert world.status.phase == "Running" and world.status.generation == 1
+    assert sorted(world.pods) == ["job-g1-pool-a-0", "job-g1-pool-d-0-r1"]
+    assert world.pod_creates == 3, "the surviving pod was left alone"
+
+
+def test_the_rendezvous_hosts_pod_is_never_replaced_alone() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.fail_pod("job-g1-pool-a-0", exit_code=137)
+    world.settle(4)
+    assert world.status.generation == 2 and world.status.replaced_pods == []
+    assert sorted(world.pods) == ["job-g2-pool-a-0", "job-g2-pool-d-0"]
+
+
+def test_pod_replacements_stop_at_the_in_place_budget_then_the_generation_restarts() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.fail_pod("job-g1-pool-d-0", exit_code=137)
+    world.settle(4)
+    world.fail_pod("job-g1-pool-d-0-r1", exit_code=137)
+    world.settle(4)
+    status = world.status
+    assert (status.phase, status.generation, status.restarts) == ("Running", 2, 2)
+    assert status.replaced_pods == [] and sorted(world.pods) == [
+        "job-g2-pool-a-0",
+        "job-g2-pool-d-0",
+    ]
+
+
+@pytest.mark.parametrize("spare", [True, False])
+def test_a_pod_on_a_lost_node_is_replaced_alone_only_with_a_spare_node(spare: bool) -> None:
+    world = running_world(elastic=IN_PLACE)
+    lost = world.pods["job-g1-pool-d-0"]["spec"]["nodeName"]
+    if not spare:
+        del world.nodes[next(n for n in ("d0", "d1") if n != lost)]
+    del world.nodes[lost]
+    world.reconcile()
+    if spare:
+        assert world.status.replaced_pods == ["job-g1-pool-d-0"] and world.status.generation == 1
+        world.settle(4)
+        assert world.status.phase == "Running"
+        assert world.pods["job-g1-pool-d-0-r1"]["spec"]["nodeName"] not in (lost, "")
+    else:
+        assert world.status.replaced_pods == [] and world.status.phase != "Running"
+        assert "job-g1-pool-d-0-r1" not in world.pods
+
+
+def test_a_pod_that_fails_while_another_is_not_running_restarts_the_generation() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.pods["job-g1-pool-a-0"]["status"]["phase"] = "Pending"
+    world.fail_pod("job-g1-pool-d-0", exit_code=137)
+    world.reconcile()
+    assert world.status.generation == 2 and world.status.replaced_pods == []
+
+
 def test_backoff_doubles_up_to_the_cap() -> None:
     from hetmoe_operator.reconcile.failures import backoff_seconds
 

@@ -147,10 +147,13 @@ class ElasticSpec(ApiModel):
     """How often the workers may restart inside their pods, per generation, before a
     failure reaches the operator: torchrun stops every worker of the gang, the same pods
     rendezvous again and resume from the latest checkpoint, with no pod deleted,
-    scheduled or created. For crashes and hangs of worker processes; exits that ask the
-    operator for something (78 config error, 86 replace the node, 87 rollbacks
-    exhausted), a pod asked to stop, and lost pods or nodes still go to it. Not counted
-    towards maxRestarts; shown in status.progress.inPlaceRestarts. 0 turns it off."""
+    scheduled or created. For crashes and hangs of worker processes (not counted
+    towards maxRestarts; shown in status.progress.inPlaceRestarts). Also up to this many
+    times per generation, a pod that fails while every other pod runs (its node lost,
+    its container killed) is replaced alone and the others wait for it (counted as its
+    failure rule says; not the first pod, which serves the rendezvous). Exits that ask
+    the operator for something (78 config error, 86 replace the node, 87 rollbacks
+    exhausted) and a pod asked to stop restart the generation. 0 turns it off."""
     failure_rules: list[FailureRule] = Field(default_factory=list, max_length=32)
     """Evaluated in order before the built-in defaults; first match wins."""
 

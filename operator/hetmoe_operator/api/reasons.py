@@ -65,6 +65,9 @@ REASONS: Final = MappingProxyType(
         "evicted or preempted; or it exited 88 or 143): its trainers save a checkpoint at the "
         "end of their step before exiting, and the restart does not count towards "
         "elastic.maxRestarts.",
+        "PodReplaced": "With elastic.inPlaceRestarts, a worker pod failed while the others ran: "
+        "it alone was replaced (named POD-rK) and the others' workers restarted in place to "
+        "wait for it; counted like the failure's rule says.",
         "RestartedInPlace": "The workers restarted inside their pods (elastic.inPlaceRestarts) "
         "and resumed from the latest checkpoint; no pod was replaced and maxRestarts is not "
         "used (an event; status.progress.inPlaceRestarts counts them per generation).",

@@ -89,7 +89,7 @@ class PlanStatus(ApiModel):
 
 
 class FailureStatus(ApiModel):
-    """The last failure that started a restart generation or failed the job."""
+    """The last failure that started a restart generation, replaced a pod, or failed the job."""
 
     cause: str
     """Reason from the catalogue, e.g. ``WorkerFailed``, ``NodeLost``, ``ReplaceNode``."""
@@ -109,6 +109,8 @@ class FailureStatus(ApiModel):
     """Whether it used up one of elastic.maxRestarts."""
     generation: int = Field(default=0, ge=0)
     """Restart generation the failure happened in."""
+    replaced_alone: bool = False
+    """Only the failed pod was replaced (elastic.inPlaceRestarts); its generation goes on."""
     time: str = ""
     """RFC 3339 time of detection."""
 
@@ -168,6 +170,9 @@ class MoEJobStatus(ApiModel):
     """Cause of the last restart or of the final failure."""
     restart_after: str | None = None
     """RFC 3339 time before which the next generation is not started (backoff)."""
+    replaced_pods: list[str] = Field(default_factory=list, max_length=1024)
+    """Pods of the current generation that failed alone and were replaced alone
+    (elastic.inPlaceRestarts), oldest first; pod P's k-th replacement is named P-rk."""
     excluded_nodes: list[str] = Field(default_factory=list, max_length=1024)
     """Nodes a worker asked to replace; never planned on again by this job."""
     scale_up_checked_time: str | None = None

@@ -114,6 +114,9 @@ class LocalPod:
     """Local ports of the trainer processes' metrics endpoints, by local rank."""
     empty_dirs: tuple[Path, ...] = ()
     """Per-pod scratch directories, wiped when the pod starts."""
+    service_ports: Mapping[int, int] = field(default_factory=dict)
+    """The Service ports it dials (container port -> local port), shared by its
+    generation's pods."""
 
     def with_env(self, extra: Mapping[str, str]) -> LocalPod:
         """The same pod with ``extra`` variables added (local-only hooks)."""
@@ -233,13 +236,18 @@ def _argv_and_env_values(pod: Mapping[str, Any]) -> list[str]:
 
 
 def allocate_network(
-    manifests: Sequence[Mapping[str, Any]], *, namespace: str = "default"
+    manifests: Sequence[Mapping[str, Any]],
+    *,
+    namespace: str = "default",
+    service_ports: Mapping[int, int] | None = None,
 ) -> NetworkMap:
     """Free local ports: one per port reached through the Service, a block per pod port.
 
     A port written next to the Service's DNS name (``svc:29400``) is one endpoint every
     pod dials, so all pods share one local port for it; every other container port is
-    something each pod serves itself and gets a block of its own.
+    something each pod serves itself and gets a block of its own. ``service_ports``
+    are the ones already given to the same generation's earlier pods: a pod created
+    later (a replacement) must dial the same rendezvous.
     """
     pods = _items(manifests, "Pod")
     pattern = _service_pattern(_items(manifests, "Service"), namespace)
@@ -263,12 +271,15 @@ def allocate_network(
             if number not in shared and not inside_block:
                 block_starts.append(number)
                 pod_requests.append((pod["metadata"]["name"], number, span))
-    bases = free_port_blocks([1] * len(shared) + [span for _, _, span in pod_requests])
+    known = dict(service_ports or {})
+    new = [port for port in shared if port not in known]
+    bases = free_port_blocks([1] * len(new) + [span for _, _, span in pod_requests])
     pod_ports: dict[str, dict[int, int]] = {}
-    for (pod_name, number, _span), base in zip(pod_requests, bases[len(shared) :], strict=True):
+    for (pod_name, number, _span), base in zip(pod_requests, bases[len(new) :], strict=True):
         pod_ports.setdefault(pod_name, {})[number] = base
+    known.update(zip(new, bases[: len(new)], strict=True))
     return NetworkMap(
-        service_ports=dict(zip(shared, bases[: len(shared)], strict=True)),
+        service_ports={port: known[port] for port in shared},
         pod_ports=pod_ports,
     )
 
@@ -441,6 +452,7 @@ def translate_pod(
         labels=dict(metadata.get("labels", {})),
         metrics_ports=tuple(base + i for base in metrics_bases for i in range(span)),
         empty_dirs=tuple(path for path, per_pod in volumes.values() if per_pod),
+        service_ports=dict(network.service_ports),
     )
 
 
@@ -450,15 +462,17 @@ def translate(
     cluster: ClusterDescription,
     *,
     namespace: str = "default",
+    service_ports: Mapping[int, int] | None = None,
 ) -> list[LocalPod]:
-    """Translate the worker Pods among ``manifests`` (with their Services) for one launch.
+    """Translate the worker Pods among ``manifests`` (with their Services) for one launch
+    (``service_ports``: see :func:`allocate_network`).
 
     Also creates the shared volume directories, as a kubelet mounts volumes before
     starting containers; ConfigMaps are written by :func:`write_config_maps` when
     they are created, not here.
     """
     services = _items(manifests, "Service")
-    network = allocate_network(manifests, namespace=namespace)
+    network = allocate_network(manifests, namespace=namespace, service_ports=service_ports)
     slowdowns = simulated_slowdowns(cluster)
     pods = _items(manifests, "Pod")
     for pod in pods:

@@ -181,6 +181,8 @@ class Supervisor:
         self._nodes = local_nodes(cluster, self.config)
         self._config_maps: dict[str, Mapping[str, Any]] = {}
         self._services: dict[str, Mapping[str, Any]] = {}
+        self._service_ports: dict[int, Mapping[int, int]] = {}
+        """The latest generation's Service ports (container port -> local port)."""
         self._pods: dict[str, _Pod] = {}
         self.checkpoint_dir = run_dir / "checkpoints"
         """Refined from the first pod's checkpoint volume once pods exist."""
@@ -308,14 +310,17 @@ class Supervisor:
     def _start(self, manifests: Sequence[Mapping[str, Any]]) -> None:
         """Mount volumes, bind and start created pods: what scheduler and kubelet do."""
         try:
+            generation = max(int(m["metadata"]["labels"][GENERATION_LABEL]) for m in manifests)
             local = translate(
                 [*self._services.values(), *manifests],
                 self.run_dir,
                 self.cluster,
                 namespace=self.ref.namespace,
+                service_ports=self._service_ports.get(generation),
             )
+            # A pod replaced alone later in this generation dials the same rendezvous.
+            self._service_ports = {generation: local[0].service_ports}
             self.checkpoint_dir = host_path(manifests[0], CHECKPOINT_DIR, self.run_dir)
-            generation = max(int(m["metadata"]["labels"][GENERATION_LABEL]) for m in manifests)
             for manifest, pod in zip(manifests, local, strict=True):
                 self._pods[pod.name] = _Pod(manifest, self._bind(manifest))
                 if self._fault is not None:

@@ -250,21 +250,39 @@ def _generation_active(run: _Pass) -> bool:
     if status.generation == 0 or status.phase in ("Pending", "Suspended"):
         return False
     failure = status.last_failure
-    return failure is None or failure.generation < status.generation
+    return failure is None or failure.generation < status.generation or failure.replaced_alone
 
 
 def _expected_pod_names(run: _Pass, spec: MoEJobSpec) -> list[str]:
+    """The current generation's pod names, each under its latest replacement's name."""
+    replaced = run.status.replaced_pods
+    return [_latest_name(p["metadata"]["name"], replaced) for p in _plan_pods(run, spec)]
+
+
+def _plan_pods(run: _Pass, spec: MoEJobSpec) -> list[dict[str, Any]]:
+    """The current generation's pod manifests as the plan names them (none while the
+    recorded plan is not the one observed)."""
     plan = run.obs.plan
     if plan is None or run.obs.plan_generation != run.status.plan_generation:
         return []
-    return [p["metadata"]["name"] for p in worker_pods(plan, _pod_context(run, spec, plan))]
+    return worker_pods(plan, _pod_context(run, spec, plan))
+
+
+def _latest_name(name: str, replaced: Sequence[str]) -> str:
+    """Pod ``name`` after its replacements: ``name``, ``name-r1``, ``name-r2``, ..."""
+    latest, count = name, 0
+    while latest in replaced:
+        count += 1
+        latest = f"{name}-r{count}"
+    return latest
 
 
 def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
     """A launched generation: detect failures, success, or all-Running."""
     status, obs = run.status, run.obs
-    current = [p for p in obs.pods if p.generation == status.generation]
-    older = [p for p in obs.pods if p.generation < status.generation]
+    replaced = set(status.replaced_pods)
+    current = [p for p in obs.pods if p.generation == status.generation and p.name not in replaced]
+    older = [p for p in obs.pods if p.generation < status.generation or p.name in replaced]
     if not current and _scaling_up(run) and obs.plan is not None:
         # A scale-up waits for the old gang to save and go (see _launch), then launches.
         _launch(run, spec, obs.plan, obs.plan_generation, status.generation, save_old=True)
@@ -404,6 +422,8 @@ def _handle_failure(
         )
         run.stop(_live(current))
         return
+    if _replace_alone(run, spec, failure, verdict, current, text):
+        return
     previous = status.restarts + status.uncounted_restarts
     delay = failures.backoff_seconds(
         spec.elastic.backoff_seconds, spec.elastic.max_backoff_seconds, previous
@@ -432,6 +452,65 @@ def _handle_failure(
     # while the old ones are deleted), which saves a status write and a pass round trip
     # on the path from a failure to its replacement.
     _start_next_generation(run, spec)
+
+
+def _replace_alone(
+    run: _Pass,
+    spec: MoEJobSpec,
+    failure: failures.Failure,
+    verdict: failures.Verdict,
+    current: Sequence[PodObs],
+    text: str,
+) -> bool:
+    """With elastic.inPlaceRestarts, a pod that failed while every other pod runs is
+    replaced alone, in this pass: the others' torchrun agents have restarted their
+    workers in place (their peer is gone) and wait at the rendezvous for the new pod,
+    so nothing else is stopped, rescheduled or created.
+
+    Not for node 0 (its pod serves the rendezvous store the others would have lost),
+    not for failures that ask for more (replace the node, fail, an orderly stop that
+    saved a checkpoint for the next generation), not without a usable node for the new
+    pod (the others would wait for it until torchrun's join timeout), and at most
+    inPlaceRestarts times per generation, since each costs the other pods one in-place
+    restart. Returns whether it replaced the pod."""
+    status = run.status
+    if (
+        spec.elastic.in_place_restarts == 0
+        or verdict.action != "restart"
+        or failure.orderly
+        or len(status.replaced_pods) >= spec.elastic.in_place_restarts
+    ):
+        return False
+    pods = _plan_pods(run, spec)
+    names = [_latest_name(p["metadata"]["name"], status.replaced_pods) for p in pods]
+    if failure.pod not in names[1:]:
+        return False
+    others = [p for p in current if p.name != failure.pod]
+    if len(others) != len(names) - 1 or any(p.phase != "Running" or p.deleting for p in others):
+        return False
+    discovery = run.env.discover(status.excluded_nodes)
+    if discovery is None or run.obs.plan is None or not plan_fits(run.obs.plan, discovery):
+        return False  # no usable node for the replacement (its own may be lost)
+    replaced = [*status.replaced_pods, failure.pod]
+    replacement = pods[names.index(failure.pod)]
+    replacement["metadata"]["name"] = _latest_name(replacement["metadata"]["name"], replaced)
+    assert status.last_failure is not None  # recorded by _handle_failure
+    run.update(
+        restarts=status.restarts + int(verdict.counted),
+        uncounted_restarts=status.uncounted_restarts + int(not verdict.counted),
+        replaced_pods=replaced[-1024:],
+        last_failure=status.last_failure.model_copy(update={"replaced_alone": True}),
+    )
+    run.stop([p for p in run.obs.pods if p.name == failure.pod])
+    run.creates.append(replacement)
+    message = (
+        f"{text}; replacing pod {failure.pod} alone with {replacement['metadata']['name']}: "
+        "the other workers restart in place and wait for it"
+    )
+    run.cond("Restarting", "True", "PodReplaced", message)
+    run.phase("Restarting", "PodReplaced", message, warning=True)
+    run.requeue(DELETE_POLL_SECONDS)
+    return True
 
 
 def _fail(run: _Pass, reason: str, message: str) -> None:
@@ -611,14 +690,17 @@ def _launch(
             f"generation {generation}: creating {len(pods)} worker pods",
         )
     progress = run.status.progress
-    if progress is not None and generation != run.status.generation:
-        # In-place restarts are counted per generation (per launch of the pods).
-        progress = progress.model_copy(
-            update={"in_place_restarts": 0, "last_in_place_restart": None}
-        )
+    replaced = run.status.replaced_pods
+    if generation != run.status.generation:
+        replaced = []  # pod replacements and in-place restarts count per generation
+        if progress is not None:
+            progress = progress.model_copy(
+                update={"in_place_restarts": 0, "last_in_place_restart": None}
+            )
     run.update(
         generation=generation,
         progress=progress,
+        replaced_pods=replaced,
         plan=plan_status(plan, name),
         grades=grades_column(plan),
         restart_after=None,

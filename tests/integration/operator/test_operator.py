@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import time
 from typing import Any
+from unittest.mock import ANY
 
 import pytest
 from kubernetes.client import ApiClient, CoreV1Api
@@ -23,6 +24,7 @@ from tests.integration.operator.conftest import (
     eventually,
     fail_pod,
     get_job,
+    job_events,
     job_manifest,
     job_pods,
     node_grade,
@@ -49,6 +51,27 @@ def current_pods(
         if p["metadata"]["labels"]["hetmoe.io/generation"] == str(generation)
         and not p["metadata"].get("deletionTimestamp")
     ]
+
+
+def two_node_job(
+    kube_api: ApiClient, namespace: str, name: str, **elastic: Any
+) -> list[dict[str, Any]]:
+    """A Running job on two of pool-a's three nodes (no backoff); its pods by node slot."""
+    running_job(
+        kube_api,
+        namespace,
+        name,
+        pools=[{"name": "pool-a"}],
+        # 16 sequences: one replica per device of two pool-a nodes (pool-a has three).
+        training={"steps": 40, "globalBatchSize": 16, "sequenceLength": 64},
+        elastic={"maxRestarts": 3, "backoffSeconds": 0, "maxNodes": 2, **elastic},
+    )
+    pods = sorted(
+        current_pods(kube_api, namespace, name, 1),
+        key=lambda p: int(p["metadata"]["labels"]["hetmoe.io/node-slot"]),
+    )
+    assert len(pods) == 2, pods
+    return pods
 
 
 def test_apply_creates_pods_on_the_planned_grades_and_runs(
@@ -106,21 +129,7 @@ def test_a_straggler_exit_seen_on_another_pod_replaces_the_straggler_node(
 ) -> None:
     """Every rank exits 86 naming the straggler's place in the plan; the first pod the
     operator sees is another one, and the straggler's node is still the one left out."""
-    running_job(
-        kube_api,
-        namespace,
-        "slowpoke",
-        pools=[{"name": "pool-a"}],
-        # 16 sequences: one replica per device of two pool-a nodes (pool-a has three).
-        training={"steps": 40, "globalBatchSize": 16, "sequenceLength": 64},
-        elastic={"maxRestarts": 3, "backoffSeconds": 0, "maxNodes": 2},
-    )
-    pods = sorted(
-        current_pods(kube_api, namespace, "slowpoke", 1),
-        key=lambda p: int(p["metadata"]["labels"]["hetmoe.io/node-slot"]),
-    )
-    assert len(pods) == 2
-    reporter, straggler = pods
+    reporter, straggler = two_node_job(kube_api, namespace, "slowpoke")
     slot = straggler["metadata"]["labels"]["hetmoe.io/node-slot"]
     fail_pod(
         control_plane,
@@ -143,6 +152,36 @@ def test_a_straggler_exit_seen_on_another_pod_replaces_the_straggler_node(
     assert len(placed) == 2 and straggler["spec"]["nodeName"] not in placed
     assert reporter["spec"]["nodeName"] in placed, "the reporting pod's node stays usable"
     delete_job(kube_api, namespace, "slowpoke")
+
+
+def test_with_in_place_restarts_a_failed_pod_is_replaced_alone(
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
+    """elastic.inPlaceRestarts: the second pod fails (exit 137, as after the OOM killer)
+    while the first runs; only that pod is replaced, under a new name, in the same
+    generation, and the first (which serves the rendezvous) is the same object."""
+    host, other = two_node_job(kube_api, namespace, "mender", inPlaceRestarts=1)
+    failed = other["metadata"]["name"]
+    fail_pod(control_plane, namespace, failed, exit_code=137)
+    replacement = f"{failed}-r1"
+
+    def replaced() -> dict[str, Any] | None:
+        status = get_job(kube_api, namespace, "mender")["status"]
+        pods = {p["metadata"]["name"]: p for p in job_pods(kube_api, namespace, "mender")}
+        running = replacement in pods and pods[replacement]["status"].get("phase") == "Running"
+        done = running and failed not in pods and status["phase"] == "Running"
+        return status if done else None
+
+    status = eventually(replaced, 90, f"{replacement} Running, {failed} gone, the job Running")
+    assert (status["generation"], status["restarts"]) == (1, 1)
+    assert status["replacedPods"] == [failed]
+    assert status["lastFailure"]["pod"] == failed and status["lastFailure"]["replacedAlone"]
+    alive = {
+        p["metadata"]["name"]: p["metadata"]["uid"] for p in job_pods(kube_api, namespace, "mender")
+    }
+    assert alive == {host["metadata"]["name"]: host["metadata"]["uid"], replacement: ANY}, alive
+    assert any(e["reason"] == "PodReplaced" for e in job_events(kube_api, namespace, "mender"))
+    delete_job(kube_api, namespace, "mender")
 
 
 def test_exceeding_max_restarts_fails_with_the_cause(
