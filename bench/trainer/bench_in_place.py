@@ -3,7 +3,10 @@
 ``hetmoe run`` trains the tiny example (16 steps, a checkpoint every 5, no backoff) and
 crashes plan rank 1 at step 8 (``--inject-fault rank=1,step=8``), once with
 ``elastic.inPlaceRestarts: 1`` (torchrun restarts the gang inside its pods) and once
-without (the operator's decisions stop every pod and start generation 2). The figure
+without (the operator's decisions stop every pod and start generation 2). With
+``--fault pod`` the second pod is lost instead (its agent and workers SIGKILLed once
+rank 0 reported step 7): with the setting the operator replaces that pod alone and the
+first pod's workers restart in place to take it in; without it, generation 2. The figure
 is the wall time from the last step logged before the crash to the first step logged
 after it, read from ``train_log.jsonl``: failure detection, stopping the survivors,
 starting new worker processes (interpreter and torch import), rendezvous, process
@@ -14,14 +17,17 @@ Local mode has no scheduler, kubelet or image pull: on a cluster a new generatio
 waits for pod deletion, scheduling and container start, which in-place restarts skip,
 so these ratios understate the difference there.
 
-    python bench/trainer/bench_in_place.py [--rounds 3] [--json FILE]
+    python bench/trainer/bench_in_place.py [--rounds 3] [--fault crash|pod] [--json FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -59,20 +65,58 @@ def recovery_seconds(train_log: Path) -> float:
     raise RuntimeError(f"no restart in {train_log}")
 
 
-def one_run(in_place_restarts: int) -> dict[str, float]:
+def _descendants(root: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                stat = (entry / "stat").read_text()
+                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(
+                    int(entry.name)
+                )
+    found, stack = [], [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.append(child)
+            stack.append(child)
+    return found
+
+
+def lose_second_pod(process: subprocess.Popen[str], checkpoints: Path) -> None:
+    """Once rank 0 reported step 7, SIGKILL the second pod's agent and its workers."""
+    while True:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads((checkpoints / "progress.json").read_text())["step"] >= 7:
+                break
+        if process.poll() is not None:
+            raise RuntimeError("hetmoe run ended before step 7")
+        time.sleep(0.1)
+    for pid in _descendants(process.pid):
+        with contextlib.suppress(OSError):
+            if b"HETMOE_NODE_INDEX=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+def one_run(in_place_restarts: int, fault: str) -> dict[str, float]:
     with tempfile.TemporaryDirectory(prefix="bench-in-place-") as tmp:
         directory = Path(tmp)
         job = write_job(directory, in_place_restarts)
         run_dir = directory / "run"
         argv = [sys.executable, "-m", "hetmoe_operator.cli.main", "run", "-f", str(job)]
         argv += ["--cluster", str(LOCAL_CLUSTER), "--run-dir", str(run_dir)]
-        argv += ["--inject-fault", CRASH]
+        if fault == "crash":
+            argv += ["--inject-fault", CRASH]
         started = time.monotonic()
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=900, cwd=REPO)
+        process = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO
+        )
+        if fault == "pod":
+            lose_second_pod(process, run_dir / "checkpoints")
+        stdout, stderr = process.communicate(timeout=900)
         wall = time.monotonic() - started
-        if done.returncode != 0:
-            raise RuntimeError(f"hetmoe run failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-        final = [line for line in done.stdout.splitlines() if line.startswith("job=")][-1]
+        if process.returncode != 0:
+            raise RuntimeError(f"hetmoe run failed:\n{stdout[-3000:]}{stderr[-3000:]}")
+        final = [line for line in stdout.splitlines() if line.startswith("job=")][-1]
         expected = "generation=1" if in_place_restarts else "generation=2"
         if expected not in final:
             raise RuntimeError(f"expected {expected}: {final}")
@@ -83,13 +127,14 @@ def one_run(in_place_restarts: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--fault", choices=("crash", "pod"), default="crash")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     runs: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
     for round_ in range(args.rounds):
         order = list(MODES) if round_ % 2 == 0 else list(reversed(MODES))
         for mode in order:
-            runs[mode].append(one_run(MODES[mode]))
+            runs[mode].append(one_run(MODES[mode], args.fault))
             print(f"round {round_} {mode}: {runs[mode][-1]}", flush=True)
     ratios = [
         a["recovery_s"] / b["recovery_s"]
@@ -102,7 +147,12 @@ def main() -> None:
         wall = statistics.median(v["wall_s"] for v in values)
         print(f"| {mode} | {recovery:.1f} s | {wall:.1f} s |")
     print(f"\nin place / new generation, per round: {', '.join(f'{r:.2f}' for r in ratios)}")
-    result = {"runs": runs, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+    result = {
+        "fault": args.fault,
+        "runs": runs,
+        "ratios": ratios,
+        "median_ratio": statistics.median(ratios),
+    }
     print(json.dumps(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")

@@ -153,6 +153,9 @@ def test_in_place_restarts_are_the_torchrun_agents_restarts(elastic: dict, resta
     for pod in worker_pods(plan(), context(elastic=elastic)):
         args = pod["spec"]["containers"][0]["args"]
         assert f"--max-restarts={restarts}" in args[: args.index("hetmoe_trainer")]
+        conf = next(a for a in args if a.startswith("--rdzv-conf="))
+        # Faster rendezvous heartbeats only where a lost pod may be replaced alone.
+        assert ("keep_alive_interval=2,keep_alive_max_attempt=3" in conf) == bool(restarts)
 
 
 def test_the_catalogs_peaks_of_the_plans_grades_reach_the_trainer() -> None:

@@ -71,6 +71,10 @@ class WorkerLaunch:
     env: Mapping[str, str]
 
 
+IN_PLACE_KEEP_ALIVE_SECONDS = 2
+"""Rendezvous heartbeat with in-place restarts: a lost pod is dropped after 3 missed."""
+
+
 def agent_shutdown_timeout(stop_grace_seconds: int) -> int:
     """torchrun's ``--shutdown-timeout`` for a pod with this grace period (see the margin)."""
     return max(1, stop_grace_seconds - AGENT_SHUTDOWN_MARGIN_SECONDS)
@@ -111,6 +115,14 @@ def worker_launches(
     """
     nodes = plan.nodes()
     grades = {(r.pool, r.node_slot): r.grade for r in plan.ranks}
+    # A pod lost mid-round stays a member of the finished rendezvous round until its
+    # heartbeats lapse (torch's default 5 s x 3), and the agents that restart in place
+    # cannot start the next round before; faster heartbeats let a replacement in sooner.
+    keep_alive = (
+        f",keep_alive_interval={IN_PLACE_KEEP_ALIVE_SECONDS},keep_alive_max_attempt=3"
+        if in_place_restarts
+        else ""
+    )
     peaks = ",".join(
         f"{grade}={tflops:g}"
         for grade, tflops in sorted((grade_peak_tflops or {}).items())
@@ -128,7 +140,7 @@ def worker_launches(
             "--rdzv-backend=c10d",
             f"--rdzv-endpoint={rendezvous_endpoint}",
             f"--rdzv-id={job_name}-g{generation}",
-            f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}",
+            f"--rdzv-conf=is_host={'true' if index == 0 else 'false'}{keep_alive}",
             f"--max-restarts={in_place_restarts}",
             f"--shutdown-timeout={agent_shutdown_timeout(stop_grace_seconds)}",
             "-m",
