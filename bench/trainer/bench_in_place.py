@@ -65,23 +65,6 @@ def recovery_seconds(train_log: Path) -> float:
     raise RuntimeError(f"no restart in {train_log}")
 
 
-def _descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                stat = (entry / "stat").read_text()
-                children.setdefault(int(stat[stat.rindex(")") + 2 :].split()[1]), []).append(
-                    int(entry.name)
-                )
-    found, stack = [], [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            found.append(child)
-            stack.append(child)
-    return found
-
-
 def lose_second_pod(process: subprocess.Popen[str], checkpoints: Path) -> None:
     """Once rank 0 reported step 7, SIGKILL the second pod's agent and its workers."""
     while True:
@@ -91,10 +74,12 @@ def lose_second_pod(process: subprocess.Popen[str], checkpoints: Path) -> None:
         if process.poll() is not None:
             raise RuntimeError("hetmoe run ended before step 7")
         time.sleep(0.1)
-    for pid in _descendants(process.pid):
-        with contextlib.suppress(OSError):
-            if b"HETMOE_NODE_INDEX=1\0" in Path(f"/proc/{pid}/environ").read_bytes():
-                os.kill(pid, signal.SIGKILL)
+    marks = (b"HETMOE_JOB=bench-in-place\0", b"HETMOE_NODE_INDEX=1\0")
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            environ = (entry / "environ").read_bytes()
+            if all(mark in environ for mark in marks):
+                os.kill(int(entry.name), signal.SIGKILL)
 
 
 def one_run(in_place_restarts: int, fault: str) -> dict[str, float]:
