@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.placement.errors import PlanningError
 from hetmoe_operator.plan import WAITING_FOR_PEERS_MARK, WorkerExit, replace_node_request
+from hetmoe_operator.reconcile.conditions import rfc3339
 from hetmoe_operator.reconcile.decide import BROKEN_GANG_GRACE_SECONDS, DELETE_POLL_SECONDS
 from hetmoe_operator.reconcile.failures import (
     PEER_WAIT_SETTLE_SECONDS,
+    REPLACEMENT_UNSCHEDULABLE_SECONDS,
     RESTART_HOLD_SECONDS,
     STUCK_TERMINATING_SECONDS,
     keeps_its_nodes,
@@ -195,6 +197,60 @@ def test_a_pod_on_a_lost_node_is_replaced_alone_only_with_a_spare_node(spare: bo
     else:
         assert world.status.replaced_pods == [] and world.status.phase != "Running"
         assert "job-g1-pool-d-0-r1" not in world.pods
+
+
+def _turned_away(world: World, name: str) -> None:
+    """The scheduler's verdict on pod ``name``, from now on."""
+    world.pods[name]["status"]["conditions"] = [
+        {
+            "type": "PodScheduled",
+            "status": "False",
+            "reason": "Unschedulable",
+            "message": "0/4 nodes are available: 4 Insufficient nvidia.com/gpu.",
+            "lastTransitionTime": rfc3339(world.now),
+        }
+    ]
+
+
+def test_a_replacement_the_scheduler_cannot_place_restarts_the_generation_uncounted() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.fail_pod("job-g1-pool-d-0", exit_code=137)
+    world.reconcile()
+    assert world.status.replaced_pods == ["job-g1-pool-d-0"]
+    _turned_away(world, "job-g1-pool-d-0-r1")
+    world.advance(REPLACEMENT_UNSCHEDULABLE_SECONDS - 1)
+    decision = world.reconcile()
+    assert world.status.generation == 1, "the scheduler may still place it"
+    assert decision.requeue_after is not None and 0 < decision.requeue_after <= 1
+    world.advance(2)
+    world.reconcile()
+    status = world.status
+    assert (status.generation, status.restarts, status.uncounted_restarts) == (2, 1, 1)
+    assert status.replaced_pods == [] and status.last_failure is not None
+    assert status.last_failure.cause == "ReplacementUnschedulable"
+    assert is_known("ReplacementUnschedulable")
+    assert [e.type for e in world.events if e.reason == "ReplacementUnschedulable"] == ["Warning"]
+    assert "replaced job-g1-pool-d-0 alone" in status.last_failure.message
+    assert "Insufficient nvidia.com/gpu" in status.last_failure.message
+    world.settle(4)
+    assert world.status.phase == "Running" and world.status.generation == 2
+    assert sorted(world.pods) == ["job-g2-pool-a-0", "job-g2-pool-d-0"]
+
+
+def test_a_replacement_is_not_judged_while_its_predecessor_still_holds_its_node() -> None:
+    world = running_world(elastic=IN_PLACE)
+    world.linger = True  # the failed pod's deletion takes its time
+    world.fail_pod("job-g1-pool-d-0", exit_code=137)
+    world.reconcile()
+    _turned_away(world, "job-g1-pool-d-0-r1")
+    world.advance(REPLACEMENT_UNSCHEDULABLE_SECONDS + 5)
+    world.reconcile()
+    assert world.status.generation == 1 and "job-g1-pool-d-0" in world.pods
+    world.finish_terminating()
+    world.kwok()  # now the scheduler places it
+    world.reconcile()
+    assert world.status.phase == "Running" and world.status.generation == 1
+    assert world.status.replaced_pods == ["job-g1-pool-d-0"]
 
 
 def test_a_pod_that_fails_while_another_is_not_running_restarts_the_generation() -> None:

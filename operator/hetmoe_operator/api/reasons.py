@@ -68,6 +68,10 @@ REASONS: Final = MappingProxyType(
         "PodReplaced": "With elastic.inPlaceRestarts, a worker pod failed while the others ran: "
         "it alone was replaced (named POD-rK) and the others' workers restarted in place to "
         "wait for it; counted like the failure's rule says.",
+        "ReplacementUnschedulable": "A pod replaced alone (PodReplaced) could not be "
+        "scheduled for 30 s after its predecessor was gone: the generation restarts on the "
+        "capacity that is left, and the restart does not count towards elastic.maxRestarts "
+        "(the failure that caused the replacement already did).",
         "RestartedInPlace": "The workers restarted inside their pods (elastic.inPlaceRestarts) "
         "and resumed from the latest checkpoint; no pod was replaced and maxRestarts is not "
         "used (an event; status.progress.inPlaceRestarts counts them per generation).",

@@ -297,6 +297,10 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
             return
         _handle_failure(run, spec, found[0], current)
         return
+    stuck = _unplaceable_replacement(run, current)
+    if stuck is not None:
+        _handle_failure(run, spec, stuck, current)
+        return
     if current and all(p.phase == "Succeeded" for p in current) and len(current) >= len(expected):
         run.cond("Complete", "True", "Succeeded", "every worker exited 0")
         run.cond("Ready", "False", "Succeeded", "workers finished")
@@ -320,6 +324,44 @@ def _watch_generation(run: _Pass, spec: MoEJobSpec) -> None:
     else:
         run.cond("Ready", "False", "WorkersCreating", progress)
     run.requeue(run.env.config.resync_seconds)
+
+
+def _unplaceable_replacement(run: _Pass, current: Sequence[PodObs]) -> failures.Failure | None:
+    """A pod replaced alone that the scheduler has turned away for
+    :data:`~.failures.REPLACEMENT_UNSCHEDULABLE_SECONDS` since its predecessor was gone,
+    as a failure of the generation (its peers wait for it at the rendezvous); None
+    otherwise, with a pass booked for when the wait runs out."""
+    replaced = run.status.replaced_pods
+    observed = {p.name for p in run.obs.pods}
+    for pod in current:
+        if pod.node or not pod.unschedulable or pod.unschedulable_since is None:
+            continue
+        predecessor = _predecessor(pod.name, replaced)
+        if predecessor is None or predecessor in observed:
+            continue
+        waited = (run.obs.now - pod.unschedulable_since).total_seconds()
+        left = failures.REPLACEMENT_UNSCHEDULABLE_SECONDS - waited
+        if left > 0:
+            run.requeue(left)
+            continue
+        return failures.Failure(
+            pod.name,
+            "",
+            None,
+            failures.REPLACEMENT_UNSCHEDULABLE,
+            f"it replaced {predecessor} alone but cannot be scheduled after "
+            f"{waited:.0f}s: {pod.unschedulable}",
+        )
+    return None
+
+
+def _predecessor(name: str, replaced: Sequence[str]) -> str | None:
+    """The pod that ``name`` replaced alone (see :func:`_latest_name`), if any."""
+    base, suffix, count = name.rpartition("-r")
+    if not suffix or not count.isdigit() or int(count) < 1:
+        return None
+    previous = base if int(count) == 1 else f"{base}-r{int(count) - 1}"
+    return previous if previous in replaced else None
 
 
 def _unschedulable(run: _Pass, blocked: Sequence[PodObs], progress: str) -> None:
@@ -409,6 +451,9 @@ def _handle_failure(
     )
     run.update(last_failure=record)
     run.cond("Ready", "False", verdict.cause, text)
+    if status.phase != "Running":
+        # No phase transition will say it (e.g. a replacement failing while Restarting).
+        run.events.append(Event("Warning", verdict.cause, text))
     if verdict.action == "fail":
         _fail(run, verdict.cause, f"{text}; failure action is fail")
         run.stop(_live(current))
@@ -478,6 +523,7 @@ def _replace_alone(
         spec.elastic.in_place_restarts == 0
         or verdict.action != "restart"
         or failure.orderly
+        or failure.reason == failures.REPLACEMENT_UNSCHEDULABLE
         or len(status.replaced_pods) >= spec.elastic.in_place_restarts
     ):
         return False

@@ -6,8 +6,9 @@ defaults that encode the trainer's exit-code contract (``plan.WorkerExit``):
 re-plan without the node it names, 89 hung -> restart (counted); a lost node restarts
 without using up a restart (the job did nothing wrong); so does a worker stopped
 from outside, 88 from the trainer or 143 (128 + SIGTERM) from its torchrun agent (a
-drain, an eviction, a preemption: it saved a checkpoint on the way out); anything
-else restarts and counts.
+drain, an eviction, a preemption: it saved a checkpoint on the way out), and so does a
+pod replaced alone that the scheduler cannot place (the failure that caused the
+replacement was counted already); anything else restarts and counts.
 """
 
 from __future__ import annotations
@@ -152,6 +153,18 @@ def detect(
     return exits + lost + gone
 
 
+REPLACEMENT_UNSCHEDULABLE = "ReplacementUnschedulable"
+REPLACEMENT_UNSCHEDULABLE_SECONDS = 30.0
+"""How long a pod replaced alone may stay unschedulable, once its predecessor is gone,
+before the generation restarts instead.
+
+The other workers wait for it at the rendezvous (until torchrun's join timeout, 10
+minutes), so a replacement the scheduler cannot place must not hold the job. It is
+not judged at once: while the failed pod still held its node's devices the scheduler
+may have turned the replacement away, and retries it (backing off up to 10 s) once
+they are free. Erring late costs a restart that could have been avoided, never data:
+the next generation re-plans on the capacity that is left."""
+
 PEER_WAIT_SETTLE_SECONDS = 15.0
 """How long a failure that waited for peers is held while other workers still run.
 
@@ -211,6 +224,8 @@ def classify(failure: Failure, rules: Sequence[FailureRule]) -> Verdict:
         return Verdict("restart", True, "WorkerHung")
     if failure.reason == NODE_LOST:
         return Verdict("restart", False, NODE_LOST)
+    if failure.reason == REPLACEMENT_UNSCHEDULABLE:
+        return Verdict("restart", False, REPLACEMENT_UNSCHEDULABLE)
     if failure.orderly:
         return Verdict("restart", False, WORKER_STOPPED)
     return Verdict("restart", True, "WorkerFailed")

@@ -38,6 +38,9 @@ class PodObs:
     unschedulable: str = ""
     """The scheduler's message while it cannot place the pod (PodScheduled=False,
     reason Unschedulable), e.g. ``0/8 nodes are available: 8 Insufficient cpu``."""
+    unschedulable_since: datetime | None = None
+    """When the scheduler first found no place for the pod (that condition's
+    ``lastTransitionTime``; later failed attempts do not move it)."""
     finished_at: datetime | None = None
     """When the failed container ended (its ``terminated.finishedAt``)."""
 
@@ -81,15 +84,15 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
             break
         if terminated and exit_code is None:
             exit_code = int(terminated.get("exitCode") or 0)
-    unschedulable = next(
+    unplaced = next(
         (
-            str(c.get("message") or "no message from the scheduler")
+            c
             for c in status.get("conditions") or ()
             if c.get("type") == "PodScheduled"
             and c.get("status") == "False"
             and c.get("reason") == "Unschedulable"
         ),
-        "",
+        None,
     )
     return PodObs(
         name=str(meta.get("name", "")),
@@ -103,7 +106,10 @@ def pod_obs(pod: Mapping[str, Any]) -> PodObs | None:
         message=message,
         deletion_deadline=parse_time(meta.get("deletionTimestamp")),
         ip=str(status.get("podIP") or ""),
-        unschedulable=unschedulable,
+        unschedulable=(
+            str(unplaced.get("message") or "no message from the scheduler") if unplaced else ""
+        ),
+        unschedulable_since=parse_time(unplaced.get("lastTransitionTime")) if unplaced else None,
         finished_at=finished_at,
     )
 

@@ -15,6 +15,7 @@ import pytest
 from kubernetes.client import ApiClient, CoreV1Api
 
 from hetmoe_operator.plan import WorkerExit, replace_node_request
+from hetmoe_operator.reconcile.failures import REPLACEMENT_UNSCHEDULABLE_SECONDS
 from tests.cluster.controlplane import ControlPlane
 from tests.cluster.topology import Topology, node_manifest, wait_nodes_ready
 from tests.integration.operator.conftest import (
@@ -182,6 +183,108 @@ def test_with_in_place_restarts_a_failed_pod_is_replaced_alone(
     assert alive == {host["metadata"]["name"]: host["metadata"]["uid"], replacement: ANY}, alive
     assert any(e["reason"] == "PodReplaced" for e in job_events(kube_api, namespace, "mender"))
     delete_job(kube_api, namespace, "mender")
+
+
+def cpu_hog(node: str, cpu: str) -> dict[str, Any]:
+    """A foreign pod bound straight to ``node`` (no scheduler) that books all its
+    ``cpu`` but no device: the operator's discovery still counts the node as free, the
+    scheduler does not."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": f"hog-{node}"},
+        "spec": {
+            "nodeName": node,
+            "containers": [
+                {"name": "hog", "image": "hog", "resources": {"requests": {"cpu": cpu}}}
+            ],
+        },
+    }
+
+
+def scheduler_sees(kube_api: ApiClient, namespace: str, verdict: str) -> None:
+    """Wait until the scheduler's cache holds what was just bound: a probe pod that
+    fits nowhere in pool-a is turned away with ``verdict`` in the scheduler's words."""
+    core = CoreV1Api(kube_api)
+    probe = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "probe"},
+        "spec": {
+            "nodeSelector": {"hetmoe.io/pool": "pool-a"},
+            "tolerations": [{"operator": "Exists"}],
+            "containers": [
+                {
+                    "name": "probe",
+                    "image": "probe",
+                    "resources": {
+                        "requests": {"cpu": "1", "nvidia.com/gpu": "8"},
+                        "limits": {"nvidia.com/gpu": "8"},
+                    },
+                }
+            ],
+        },
+    }
+    core.create_namespaced_pod(namespace, probe)
+
+    def turned_away() -> bool:
+        pod = core.read_namespaced_pod("probe", namespace)
+        return any(verdict in (c.message or "") for c in pod.status.conditions or ())
+
+    eventually(turned_away, 30, f"the scheduler to say {verdict!r}")
+    core.delete_namespaced_pod("probe", namespace, grace_period_seconds=0)
+
+
+def test_a_replacement_the_scheduler_cannot_place_restarts_the_generation(
+    operator: OperatorProcess, kube_api: ApiClient, namespace: str, control_plane: ControlPlane
+) -> None:
+    """A pod replaced alone that stays unschedulable must not leave its peers waiting at
+    the rendezvous: once its predecessor is gone, after REPLACEMENT_UNSCHEDULABLE_SECONDS
+    the generation restarts (uncounted), and runs when capacity returns."""
+    running_job(
+        kube_api,
+        namespace,
+        "stranded",
+        pools=[{"name": "pool-a"}],
+        training={"steps": 40, "globalBatchSize": 16, "sequenceLength": 64},
+        elastic={"maxRestarts": 3, "backoffSeconds": 0, "maxNodes": 2, "inPlaceRestarts": 1},
+        resources={"cpu": "1"},
+    )
+    host, other = sorted(
+        current_pods(kube_api, namespace, "stranded", 1),
+        key=lambda p: int(p["metadata"]["labels"]["hetmoe.io/node-slot"]),
+    )
+    core = CoreV1Api(kube_api)
+    cpus = {
+        n.metadata.name: n.status.allocatable["cpu"]
+        for n in core.list_node(label_selector="hetmoe.io/pool=pool-a").items
+    }
+    hogged = sorted(set(cpus) - {host["spec"]["nodeName"]})
+    for node in hogged:
+        core.create_namespaced_pod(namespace, cpu_hog(node, cpus[node]))
+    try:
+        scheduler_sees(kube_api, namespace, f"{len(hogged)} Insufficient cpu")
+        failed = other["metadata"]["name"]
+        started = time.monotonic()
+        fail_pod(control_plane, namespace, failed, exit_code=137)
+
+        def restarted() -> dict[str, Any] | None:
+            status = get_job(kube_api, namespace, "stranded")["status"]
+            return status if status.get("generation") == 2 else None
+
+        status = eventually(restarted, 120, "generation 2 after the replacement stayed unplaced")
+        assert time.monotonic() - started >= REPLACEMENT_UNSCHEDULABLE_SECONDS
+        assert status["lastFailure"]["cause"] == "ReplacementUnschedulable"
+        assert status["lastFailure"]["pod"] == f"{failed}-r1"
+        assert "Insufficient cpu" in status["lastFailure"]["message"], status["lastFailure"]
+        assert (status["restarts"], status["uncountedRestarts"]) == (1, 1)
+        reasons = [e["reason"] for e in job_events(kube_api, namespace, "stranded")]
+        assert "PodReplaced" in reasons and "ReplacementUnschedulable" in reasons, reasons
+    finally:
+        for node in hogged:
+            core.delete_namespaced_pod(f"hog-{node}", namespace, grace_period_seconds=0)
+    wait_phase(kube_api, namespace, "stranded", "Running", timeout=90, generation=2)
+    delete_job(kube_api, namespace, "stranded")
 
 
 def test_exceeding_max_restarts_fails_with_the_cause(
