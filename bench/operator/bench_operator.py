@@ -4,11 +4,14 @@
 plane (kwok nodes), with the operator running as a ``hetmoe operator`` subprocess:
 
 * apply -> all 16 pods created, and -> all 16 Running (p50/p99 over jobs that fit);
-* pod failure -> every replacement pod created (p50/p99);
+* pod failure -> every replacement pod created (p50/p99); with ``--in-place-restarts N``
+  the jobs set ``elastic.inPlaceRestarts`` and a pod other than the rendezvous host
+  fails, so the operator replaces that pod alone: the time until it exists;
 * Kubernetes API requests per job (from the operator's own counter);
 * operator peak RSS (VmHWM).
 
     python -m bench.operator.bench_operator [--jobs 100] [--failures 20] [--out FILE]
+        [--in-place-restarts N]
 
 Each job is a tiny-model job pinned to one pool with ``maxNodes: 16`` so that its
 plan uses exactly 16 whole nodes; jobs are spread over the pools in proportion to
@@ -38,6 +41,8 @@ from tests.cluster.controlplane import ControlPlane, ensure_built, free_port
 from tests.cluster.topology import apply_topology, load_topology
 from urllib3.exceptions import ProtocolError
 
+from hetmoe_operator.desired.names import RANK0_LABEL
+
 REPO = Path(__file__).resolve().parents[2]
 CATALOG = REPO / "examples" / "catalogs" / "reference-5-grades.yaml"
 NAMESPACE = "bench"
@@ -52,7 +57,7 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def job(name: str, pool: str) -> dict[str, Any]:
+def job(name: str, pool: str, in_place_restarts: int = 0) -> dict[str, Any]:
     return {
         "apiVersion": "hetmoe.io/v1alpha1",
         "kind": "MoEJob",
@@ -61,7 +66,12 @@ def job(name: str, pool: str) -> dict[str, Any]:
             "model": {"preset": "tiny"},
             "training": {"steps": 100, "globalBatchSize": 128, "sequenceLength": 2048},
             "pools": [{"name": pool, "minNodes": PODS_PER_JOB, "maxNodes": PODS_PER_JOB}],
-            "elastic": {"maxRestarts": 5, "backoffSeconds": 0, "maxBackoffSeconds": 0},
+            "elastic": {
+                "maxRestarts": 5,
+                "backoffSeconds": 0,
+                "maxBackoffSeconds": 0,
+                "inPlaceRestarts": in_place_restarts,
+            },
             "checkpoint": {"volume": {"emptyDir": True}},
         },
     }
@@ -87,6 +97,7 @@ class PodTracker:
         self.core = core
         self.created: dict[tuple[str, str], float] = {}
         self.running: dict[tuple[str, str], float] = {}
+        self.first_seen: dict[str, float] = {}
         self.stop = threading.Event()
         self._pods: dict[str, tuple[tuple[str, str], bool]] = {}
 
@@ -100,6 +111,7 @@ class PodTracker:
         running = (pod.get("status") or {}).get("phase") == "Running"
         self._pods[meta["name"]] = (key, running)
         now = time.monotonic()
+        self.first_seen.setdefault(meta["name"], now)
         total = sum(1 for k, _ in self._pods.values() if k == key)
         if total >= PODS_PER_JOB:
             self.created.setdefault(key, now)
@@ -360,7 +372,7 @@ def measure(
     def create(item: tuple[str, str]) -> None:
         applied[item[0]] = time.monotonic()
         custom.create_namespaced_custom_object(
-            "hetmoe.io", "v1alpha1", NAMESPACE, "moejobs", job(*item)
+            "hetmoe.io", "v1alpha1", NAMESPACE, "moejobs", job(*item, args.in_place_restarts)
         )
 
     launch_cpu = CpuMeter(pids)
@@ -383,6 +395,7 @@ def measure(
         raise RuntimeError(f"operator exited with {operator.returncode}; see {args.log}")
     requests_launch = api_requests(metrics_port) - requests_before
     victims: dict[str, str] = {}  # job -> generation that will replace the failed one
+    alone: dict[str, str] = {}  # job -> the pod that will replace the failed one alone
     failed_at: dict[str, float] = {}
     for name in [n for n, _ in names if (n, "1") in tracker.running]:
         if len(victims) >= args.failures:
@@ -400,6 +413,8 @@ def measure(
         ]
         if len(alive) < PODS_PER_JOB:
             continue  # restarting for another reason (e.g. a node went NotReady)
+        if args.in_place_restarts:  # the rendezvous host is never replaced alone
+            alive = [p for p in alive if RANK0_LABEL not in p["metadata"]["labels"]]
         generation = int(alive[0]["metadata"]["labels"]["hetmoe.io/generation"])
         try:
             failed_at[name] = time.monotonic()
@@ -408,21 +423,20 @@ def measure(
             failed_at.pop(name)
             continue
         victims[name] = str(generation + 1)
+        alone[name] = f"{alive[0]['metadata']['name']}-r1"
         time.sleep(args.failure_spacing)
     deadline = time.monotonic() + args.timeout
-    while time.monotonic() < deadline and not all(
-        (n, g) in tracker.created for n, g in victims.items()
-    ):
+
+    def replaced_at(name: str) -> float | None:
+        if args.in_place_restarts:
+            return tracker.first_seen.get(alone[name])
+        return tracker.created.get((name, victims[name]))
+
+    while time.monotonic() < deadline and not all(replaced_at(n) for n in victims):
         time.sleep(0.2)
-    replacement = [
-        tracker.created[(n, g)] - failed_at[n]
-        for n, g in victims.items()
-        if (n, g) in tracker.created
-    ]
+    replacement = [t - failed_at[n] for n in victims if (t := replaced_at(n)) is not None]
     unreplaced = {
-        n: why_not_replaced(custom, tracker, n)
-        for n, g in victims.items()
-        if (n, g) not in tracker.created
+        n: why_not_replaced(custom, tracker, n) for n in victims if replaced_at(n) is None
     }
     tracker.stop.set()
     total_requests = api_requests(metrics_port) - requests_before
@@ -438,6 +452,7 @@ def measure(
         "created_p99_s": percentile(created, 99),
         "running_p50_s": percentile(running, 50),
         "running_p99_s": percentile(running, 99),
+        "in_place_restarts": args.in_place_restarts,
         "failures_injected": len(victims),
         "replacements_created": len(replacement),
         "replacement_p50_s": percentile(replacement, 50),
@@ -461,6 +476,12 @@ def main() -> int:
         "--failure-spacing", type=float, default=0.5, help="seconds between injected failures"
     )
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument(
+        "--in-place-restarts",
+        type=int,
+        default=0,
+        help="jobs set elastic.inPlaceRestarts: a failed pod is replaced alone",
+    )
     parser.add_argument("--log", default="/tmp/hetmoe-bench-operator.log")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument(
