@@ -12,7 +12,13 @@ from hetmoe_operator.api.reasons import is_known
 from hetmoe_operator.api.status import PHASES
 from hetmoe_operator.kube.metrics import RESTART_CAUSES, OperatorMetrics
 from hetmoe_operator.plan import WorkerExit
-from hetmoe_operator.reconcile.failures import NODE_LOST, SIGTERM_EXIT, Failure, classify
+from hetmoe_operator.reconcile.failures import (
+    NODE_LOST,
+    REPLACEMENT_UNSCHEDULABLE,
+    SIGTERM_EXIT,
+    Failure,
+    classify,
+)
 
 
 def _samples(metrics: OperatorMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -49,7 +55,7 @@ def test_restart_causes_are_exactly_what_the_classifier_returns() -> None:
         WorkerExit.HUNG,
         SIGTERM_EXIT,
     ]
-    reasons = ["Error", "OOMKilled", NODE_LOST, "Deleted"]
+    reasons = ["Error", "OOMKilled", NODE_LOST, "Deleted", REPLACEMENT_UNSCHEDULABLE]
     causes = {
         classify(Failure("pod", "node", code, reason, "", orderly), rule_set).cause
         for code, reason, orderly in itertools.product(exit_codes, reasons, (False, True))

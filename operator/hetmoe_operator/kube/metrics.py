@@ -24,6 +24,7 @@ RESTART_CAUSES: Final = (
     "FailureRuleFail",
     "ConfigError",
     "RollbackExhausted",
+    "ReplacementUnschedulable",
 )
 """Every cause ``reconcile.failures.classify`` can return (a test keeps them in sync)."""
 
@@ -50,7 +51,15 @@ class OperatorMetrics:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
         self.restarts = Counter(
-            "hetmoe_operator_restarts", "Restart generations by cause", ["cause"], registry=r
+            "hetmoe_operator_restarts",
+            "Worker failures acted on (a new generation, or one pod replaced alone), by cause",
+            ["cause"],
+            registry=r,
+        )
+        self.pods_replaced = Counter(
+            "hetmoe_operator_pods_replaced",
+            "Worker pods replaced alone in their generation (elastic.inPlaceRestarts)",
+            registry=r,
         )
         self.api_requests = Counter(
             "hetmoe_operator_api_requests",

@@ -398,6 +398,9 @@ class Reconciler:
             self.metrics.planning_seconds.observe(time.monotonic() - started)
 
     def _count_restart(self, key: tuple[str, str], old: MoEJobStatus, new: MoEJobStatus) -> None:
+        replaced = set(new.replaced_pods) - set(old.replaced_pods)
+        if replaced:
+            self.metrics.pods_replaced.inc(len(replaced))
         failure = new.last_failure
         if failure is not None and failure != old.last_failure:
             self.metrics.restarts.labels(failure.cause).inc()

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -267,3 +268,25 @@ def fail_pod(
 
 def load_yaml(text: str) -> Any:
     return yaml.safe_load(text)
+
+
+def metrics_port(operator: OperatorProcess) -> int:
+    """The port the running operator serves /metrics on (from its own argv)."""
+    assert operator.process is not None and operator.alive(), "the session operator is not up"
+    args = operator.process.args
+    assert isinstance(args, list), args
+    argv = [str(arg) for arg in args]
+    last = max(i for i, arg in enumerate(argv) if arg == "--metrics-port")  # argparse: last wins
+    return int(argv[last + 1])
+
+
+def operator_metric(operator: OperatorProcess, sample: str) -> float:
+    """The value of one sample (name and labels, as exposed) on the operator's /metrics;
+    0 while the series does not exist."""
+    url = f"http://127.0.0.1:{metrics_port(operator)}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        for line in response.read().decode().splitlines():
+            name, _, value = line.rpartition(" ")
+            if name == sample:
+                return float(value)
+    return 0.0

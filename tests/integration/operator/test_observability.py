@@ -34,6 +34,7 @@ from tests.integration.operator.conftest import (
     get_job,
     job_manifest,
     job_pods,
+    metrics_port,
     wait_phase,
 )
 from tests.local.conftest import (
@@ -56,16 +57,6 @@ pytestmark = pytest.mark.integration
 
 METRIC = re.compile(r"\bhetmoe_[a-z0-9_]+")
 API_ERRORS = "hetmoe_operator_api_errors_total"
-
-
-def metrics_port(operator: OperatorProcess) -> int:
-    """The port the running operator serves /metrics on (from its own argv)."""
-    assert operator.process is not None and operator.alive(), "the session operator is not up"
-    args = operator.process.args
-    assert isinstance(args, list), args
-    argv = [str(arg) for arg in args]
-    last = max(i for i, arg in enumerate(argv) if arg == "--metrics-port")  # argparse: last wins
-    return int(argv[last + 1])
 
 
 def two_ranks(directory: Path) -> Path:

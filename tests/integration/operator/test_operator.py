@@ -29,6 +29,7 @@ from tests.integration.operator.conftest import (
     job_manifest,
     job_pods,
     node_grade,
+    operator_metric,
     patch_spec,
     wait_phase,
 )
@@ -163,6 +164,7 @@ def test_with_in_place_restarts_a_failed_pod_is_replaced_alone(
     generation, and the first (which serves the rendezvous) is the same object."""
     host, other = two_node_job(kube_api, namespace, "mender", inPlaceRestarts=1)
     failed = other["metadata"]["name"]
+    replaced_before = operator_metric(operator, "hetmoe_operator_pods_replaced_total")
     fail_pod(control_plane, namespace, failed, exit_code=137)
     replacement = f"{failed}-r1"
 
@@ -182,6 +184,8 @@ def test_with_in_place_restarts_a_failed_pod_is_replaced_alone(
     }
     assert alive == {host["metadata"]["name"]: host["metadata"]["uid"], replacement: ANY}, alive
     assert any(e["reason"] == "PodReplaced" for e in job_events(kube_api, namespace, "mender"))
+    replaced = operator_metric(operator, "hetmoe_operator_pods_replaced_total")
+    assert replaced == replaced_before + 1
     delete_job(kube_api, namespace, "mender")
 
 
