@@ -19,3 +19,25 @@ def test_in_place_restarts_are_shown_with_their_reason() -> None:
     )
     assert f"in place   2 restart(s) this generation; last: {reason}" in text
     assert "in place" not in render(_job({"step": 9, "totalSteps": 16}))
+
+
+def test_a_pod_replaced_alone_is_named_with_the_failure_that_replaced_it() -> None:
+    job = _job({"step": 9, "totalSteps": 16})
+    job["status"] |= {
+        "replacedPods": ["tiny-g1-pool-d-0"],
+        "lastFailure": {
+            "cause": "WorkerFailed",
+            "pod": "tiny-g1-pool-d-0",
+            "node": "d0",
+            "exitCode": 137,
+            "reason": "Error",
+            "action": "restart",
+            "replacedAlone": True,
+        },
+    }
+    text = render(job)
+    assert "pod tiny-g1-pool-d-0 on d0 exit 137 (Error) -> restart (the pod alone)" in text
+    assert "replaced   tiny-g1-pool-d-0 alone in this generation" in text
+    del job["status"]["replacedPods"], job["status"]["lastFailure"]["replacedAlone"]
+    text = render(job)
+    assert "alone" not in text

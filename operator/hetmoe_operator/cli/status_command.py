@@ -72,7 +72,10 @@ def render(job: dict[str, Any]) -> str:
             f"  last failure {failure.get('cause')}: pod {failure.get('pod')} on "
             f"{failure.get('node')} exit {failure.get('exitCode')} "
             f"({failure.get('reason')}) -> {failure.get('action')}"
+            + (" (the pod alone)" if failure.get("replacedAlone") else "")
         )
+    if status.get("replacedPods"):
+        lines.append(f"  replaced   {', '.join(status['replacedPods'])} alone in this generation")
     for condition in status.get("conditions") or ():
         lines.append(
             f"  {condition['type']:<11}{condition['status']:<6}{condition['reason']}: "
