@@ -29,6 +29,7 @@ OPERATOR_METRICS = {
     "hetmoe_operator_jobs": "gauge",  # {phase}
     "hetmoe_operator_reconcile_duration_seconds": "histogram",
     "hetmoe_operator_restarts_total": "counter",  # {cause}
+    "hetmoe_operator_pods_replaced_total": "counter",
     "hetmoe_operator_planning_duration_seconds": "histogram",
     "hetmoe_operator_api_errors_total": "counter",  # {verb, resource, code}
 }
