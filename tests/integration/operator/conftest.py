@@ -18,6 +18,7 @@ import pytest
 import yaml
 from kubernetes.client import ApiClient, CoreV1Api, CustomObjectsApi
 from kubernetes.client.exceptions import ApiException
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.cluster.controlplane import ControlPlane
 
@@ -281,12 +282,15 @@ def metrics_port(operator: OperatorProcess) -> int:
 
 
 def operator_metric(operator: OperatorProcess, sample: str) -> float:
-    """The value of one sample (name and labels, as exposed) on the operator's /metrics;
-    0 while the series does not exist."""
+    """The value of one unlabelled sample (e.g. a counter's ``..._total``) on the
+    operator's /metrics; 0 while the series does not exist."""
     url = f"http://127.0.0.1:{metrics_port(operator)}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            name, _, value = line.rpartition(" ")
-            if name == sample:
-                return float(value)
-    return 0.0
+        text = response.read().decode()
+    values = [
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == sample and not s.labels
+    ]
+    return values[0] if values else 0.0
